@@ -1,0 +1,130 @@
+"""Write a pruned model as a plain diffusers `DiTPipeline` folder, safely.
+
+The folder holds only diffusers classes (`DiTTransformer2DModel`, `AutoencoderKL`, the scheduler), so
+``DiTPipeline.from_pretrained(folder)`` works where this package is not installed. Beside ``model_index.json``,
+``entprune_report.json`` records which original blocks were kept. The folder is written under a temporary name
+and renamed into place, so an interrupted save never leaves a half-written folder under ``output_dir``.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from diffusers import DiTPipeline, DiTTransformer2DModel
+
+from . import __version__
+from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
+
+REPORT_NAME = "entprune_report.json"
+
+
+def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "output_dir") -> None:
+    """Fail before any heavy work if ``output_dir`` cannot receive a new model folder."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"`{argument}`={output_dir!r} is a file; pass a folder path.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(
+            f"`{argument}`={output_dir!r} already holds files (a different model?). Choose another folder or pass "
+            "`overwrite=True` (`--overwrite_output_dir` on the command line) to replace it."
+        )
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"`{argument}`={output_dir!r}: {probe!r} is not writable.")
+
+
+def pruning_report(transformer, extra: dict | None = None) -> dict:
+    """What was kept and what it costs, for ``entprune_report.json`` and model cards."""
+    if isinstance(transformer, EntPrunedTransformer2DModel):
+        kept, original = list(transformer.kept_block_indices), transformer.original_num_layers
+    else:
+        kept = list(transformer.config.get("_entprune_kept_block_indices") or range(transformer.config.num_layers))
+        original = int(transformer.config.get("_entprune_original_num_layers") or transformer.config.num_layers)
+    report = {
+        "entprune_version": __version__,
+        "original_num_layers": original,
+        "num_layers": len(kept),
+        "kept_block_indices": kept,
+        "pruned_block_indices": [i for i in range(original) if i not in set(kept)],
+        "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
+    }
+    report.update(extra or {})
+    return report
+
+
+def save_pruned_pipeline(
+    output_dir: str,
+    transformer: EntPrunedTransformer2DModel | DiTTransformer2DModel,
+    vae,
+    scheduler,
+    id2label: dict | None = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+    torch_dtype: torch.dtype | None = None,
+) -> str:
+    """Save ``transformer`` (pruned or not) with ``vae`` and ``scheduler`` as a `DiTPipeline` folder.
+
+    Args:
+        output_dir: destination folder; must be empty or absent unless ``overwrite``.
+        id2label: class names, saved in ``model_index.json`` so that ``pipe.get_label_ids([...])`` works.
+        report: extra entries for ``entprune_report.json`` (scores, decisions, training settings).
+        torch_dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size).
+
+    Returns the output folder.
+    """
+    check_output_dir(output_dir, overwrite)
+    if isinstance(transformer, EntPrunedTransformer2DModel):
+        plain = transformer.to_dit_transformer(share_weights=torch_dtype is None)
+    elif isinstance(transformer, DiTTransformer2DModel):
+        plain = transformer
+    else:
+        raise TypeError(f"`transformer` must be a DiT transformer, got {type(transformer).__name__}.")
+    if torch_dtype is not None:
+        plain = plain.to(torch_dtype)  # a private copy when exported above; never the caller's model
+        vae = _copy_to_dtype(vae, torch_dtype)
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-", dir=parent)
+    try:
+        pipe = DiTPipeline(transformer=plain, vae=vae, scheduler=scheduler, id2label=id2label)
+        if id2label is not None:
+            pipe.register_to_config(id2label={int(k): v for k, v in id2label.items()})
+        pipe.save_pretrained(tmp)
+        _verify_saved_transformer(tmp, plain.config.num_layers)
+        with open(os.path.join(tmp, REPORT_NAME), "w") as f:
+            json.dump(pruning_report(transformer, report), f, indent=2)
+        if os.path.exists(output_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.old-", dir=parent)
+            os.replace(output_dir, os.path.join(old, "previous"))
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _copy_to_dtype(module, dtype):
+    import copy
+
+    return copy.deepcopy(module).to(dtype) if any(p.dtype != dtype for p in module.parameters()) else module
+
+
+def _verify_saved_transformer(folder: str, num_layers: int) -> None:
+    """Read back the block indices in the saved weights: they must match the config's ``num_layers``."""
+    from safetensors import safe_open
+
+    weights_dir = os.path.join(folder, "transformer")
+    blocks = set()
+    for name in os.listdir(weights_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(weights_dir, name), framework="pt") as f:
+                blocks |= {int(k.split(".")[1]) for k in f.keys() if k.startswith("transformer_blocks.")}
+    if blocks != set(range(num_layers)):
+        raise RuntimeError(f"Saved transformer holds blocks {sorted(blocks)} but its config says {num_layers}.")
