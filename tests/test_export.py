@@ -56,9 +56,10 @@ def test_round_trip_through_plain_dit_pipeline_is_bit_exact(tmp_path, model_inpu
 def test_fp16_storage_halves_size_and_keeps_the_callers_model(tmp_path):
     model = pruned_model([1])
     vae = make_tiny_vae()
-    save_pruned_pipeline(str(tmp_path / "fp16"), model, vae, make_scheduler(), torch_dtype=torch.float16)
+    save_pruned_pipeline(str(tmp_path / "fp16"), model, vae, make_scheduler(), dtype=torch.float16)
     assert model.dtype == torch.float32 and vae.dtype == torch.float32
-    reloaded = DiTPipeline.from_pretrained(tmp_path / "fp16", torch_dtype=torch.float32)
+    reloaded = DiTPipeline.from_pretrained(tmp_path / "fp16")
+    assert reloaded.transformer.dtype == torch.float32  # diffusers loads float32 by default
     ref = model.proj_out_2.weight.half().float()
     assert torch.equal(reloaded.transformer.proj_out_2.weight, ref)
 

@@ -46,17 +46,16 @@ def prune_command(argv) -> int:
     from diffusers.utils import make_image_grid
 
     from .embedded import TINY_DIT_DIR
-    from .export import check_output_dir, save_pruned_pipeline
+    from .export import check_output_dir, load_id2label, save_pruned_pipeline
     from .models import EntPrunedTransformer2DModel
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     source = args.pretrained_model_name_or_path or TINY_DIT_DIR
     transformer = EntPrunedTransformer2DModel.from_pretrained(
-        source, subfolder="transformer", revision=args.revision, torch_dtype=torch.float32
+        source, subfolder="transformer", revision=args.revision
     ).eval()
-    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision,
-                                       torch_dtype=torch.float32)
-    id2label = {int(k): v for k, v in (pipe.config.get("id2label") or {}).items()} or None
+    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision)
+    id2label = load_id2label(source, revision=args.revision)
     labels = args.class_labels or list(range(args.num_samples_per_row))
 
     def sample(p):
@@ -69,11 +68,11 @@ def prune_command(argv) -> int:
           f"({transformer.num_blocks}/{transformer.original_num_layers})")
     save_pruned_pipeline(args.output_dir, transformer, pipe.vae, pipe.scheduler, id2label=id2label,
                          overwrite=args.overwrite_output_dir,
-                         torch_dtype=torch.float16 if args.save_fp16 else None,
+                         dtype=torch.float16 if args.save_fp16 else None,
                          report={"source": str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits")})
 
     # The saved folder must load with plain diffusers and reproduce the in-memory pruned model exactly.
-    reloaded = DiTPipeline.from_pretrained(args.output_dir, torch_dtype=torch.float32)
+    reloaded = DiTPipeline.from_pretrained(args.output_dir)
     latents = torch.randn(2, transformer.config.in_channels, transformer.config.sample_size,
                           transformer.config.sample_size, generator=torch.Generator().manual_seed(args.seed))
     t, y = torch.tensor([10, 500]), torch.tensor([labels[0], transformer.null_class_label])

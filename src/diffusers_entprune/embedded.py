@@ -47,9 +47,8 @@ def digits_to_tensors(dataset):
     return images, labels
 
 
-def load_embedded_pipeline(torch_dtype=None):
-    """The tiny pretrained `DiTPipeline` that ships with the package (stored in float16; loaded in float32)."""
-    import torch
+def load_embedded_pipeline():
+    """The tiny pretrained `DiTPipeline` that ships with the package (stored in float16; diffusers loads float32)."""
     from diffusers import DiTPipeline
 
-    return DiTPipeline.from_pretrained(TINY_DIT_DIR, torch_dtype=torch_dtype or torch.float32)
+    return DiTPipeline.from_pretrained(TINY_DIT_DIR)

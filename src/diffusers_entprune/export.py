@@ -6,6 +6,7 @@ The folder holds only diffusers classes (`DiTTransformer2DModel`, `AutoencoderKL
 and renamed into place, so an interrupted save never leaves a half-written folder under ``output_dir``.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -37,6 +38,12 @@ def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "
         raise PermissionError(f"`{argument}`={output_dir!r}: {probe!r} is not writable.")
 
 
+def load_id2label(pretrained_model_name_or_path, **kwargs) -> dict[int, str] | None:
+    """The pipeline's class names from its ``model_index.json`` (`DiTPipeline` does not keep them in its config)."""
+    id2label = DiTPipeline.load_config(pretrained_model_name_or_path, **kwargs).get("id2label")
+    return {int(k): v for k, v in id2label.items()} if id2label else None
+
+
 def pruning_report(transformer, extra: dict | None = None) -> dict:
     """What was kept and what it costs, for ``entprune_report.json`` and model cards."""
     if isinstance(transformer, EntPrunedTransformer2DModel):
@@ -64,7 +71,7 @@ def save_pruned_pipeline(
     id2label: dict | None = None,
     report: dict | None = None,
     overwrite: bool = False,
-    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Save ``transformer`` (pruned or not) with ``vae`` and ``scheduler`` as a `DiTPipeline` folder.
 
@@ -72,20 +79,20 @@ def save_pruned_pipeline(
         output_dir: destination folder; must be empty or absent unless ``overwrite``.
         id2label: class names, saved in ``model_index.json`` so that ``pipe.get_label_ids([...])`` works.
         report: extra entries for ``entprune_report.json`` (scores, decisions, training settings).
-        torch_dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size).
+        dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size); the models
+            passed in are never cast.
 
     Returns the output folder.
     """
     check_output_dir(output_dir, overwrite)
     if isinstance(transformer, EntPrunedTransformer2DModel):
-        plain = transformer.to_dit_transformer(share_weights=torch_dtype is None)
+        plain = transformer.to_dit_transformer(share_weights=True)
     elif isinstance(transformer, DiTTransformer2DModel):
         plain = transformer
     else:
         raise TypeError(f"`transformer` must be a DiT transformer, got {type(transformer).__name__}.")
-    if torch_dtype is not None:
-        plain = plain.to(torch_dtype)  # a private copy when exported above; never the caller's model
-        vae = _copy_to_dtype(vae, torch_dtype)
+    if dtype is not None:
+        plain, vae = _copy_to_dtype(plain, dtype), _copy_to_dtype(vae, dtype)
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -111,8 +118,6 @@ def save_pruned_pipeline(
 
 
 def _copy_to_dtype(module, dtype):
-    import copy
-
     return copy.deepcopy(module).to(dtype) if any(p.dtype != dtype for p in module.parameters()) else module
 
 

@@ -1,0 +1,53 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_scheduler, make_tiny_dit, make_tiny_vae
+from diffusers import DiTPipeline
+
+from diffusers_entprune.cli import main
+from diffusers_entprune.export import save_pruned_pipeline
+
+
+@pytest.fixture
+def source_pipeline(tmp_path):
+    return save_pruned_pipeline(str(tmp_path / "source"), make_tiny_dit(), make_tiny_vae(), make_scheduler(),
+                                id2label={i: f"class{i}" for i in range(10)})
+
+
+def test_prune_command_writes_a_plain_pipeline_report_and_grid(tmp_path, source_pipeline, capsys):
+    out = str(tmp_path / "pruned")
+    code = main(["prune", "--pretrained_model_name_or_path", source_pipeline, "--prune_blocks", "0", "3",
+                 "--output_dir", out, "--num_samples_per_row", "2", "--num_inference_steps", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "max |difference| to the in-memory model = 0" in printed
+    assert os.path.isfile(os.path.join(out, "samples.png"))
+    report = json.load(open(os.path.join(out, "entprune_report.json")))
+    assert report["kept_block_indices"] == [1, 2, 4, 5] and report["pruned_block_indices"] == [0, 3]
+    pipe = DiTPipeline.from_pretrained(out)
+    assert pipe.transformer.config.num_layers == 4
+    assert pipe.get_label_ids(["class7"]) == [7]
+
+
+def test_prune_command_refuses_bad_input_before_loading(tmp_path, source_pipeline):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model_index.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="output_dir"):
+        main(["prune", "--pretrained_model_name_or_path", "/does/not/exist", "--prune_blocks", "1",
+              "--output_dir", str(taken)])
+    with pytest.raises(ValueError, match="keeps zero blocks"):
+        main(["prune", "--pretrained_model_name_or_path", source_pipeline, "--prune_blocks", *map(str, range(6)),
+              "--output_dir", str(tmp_path / "none"), "--num_samples_per_row", "0"])
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        main(["prune", "--prune_blocks", "x", "--output_dir", str(tmp_path / "x")])
+
+
+def test_console_entry_point_is_installed():
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "entprune"), "prune", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--prune_blocks" in result.stdout
