@@ -235,3 +235,14 @@ def test_legacy_transformer2d_folder_loads(tmp_path, model_inputs):
     config_path.write_text(json.dumps(config))
     model = EntPrunedTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer").eval()
     assert torch.equal(run(model, model_inputs), run(dit, model_inputs))
+
+
+def test_direct_construction_keeps_independent_embedders_and_prunes(model_inputs):
+    model = EntPrunedTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=4, sample_size=8, patch_size=2).eval()
+    assert model.embedder_copies == "keep" and model.kept_block_indices == [0, 1, 2, 3]
+    assert model.config.sample_size == 8  # the config reaches DiT's __init__ through our signature
+    with model.skipping([2]):
+        skipped = run(model, model_inputs)
+    model.prune_blocks([2])
+    assert torch.equal(run(model, model_inputs), skipped)

@@ -19,6 +19,7 @@ Policies (see README, "Pruning policies"):
 """
 
 import contextlib
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,7 +41,20 @@ ORIGINAL_LAYERS_KEY = "_entprune_original_num_layers"
 
 
 class EntPrunedTransformer2DModel(DiTTransformer2DModel):
-    """A `DiTTransformer2DModel` that can skip blocks (identity, reversible) and prune them (physically)."""
+    """A `DiTTransformer2DModel` that can skip blocks (identity, reversible) and prune them (physically).
+
+    Load it with `from_pretrained` or wrap a model with `from_transformer`; both tie the embedder copies (see the
+    module docstring). Constructed directly from a config, its freshly initialised blocks hold independent embedder
+    copies and the ``"keep"`` policy applies.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Weights are not loaded yet (from_pretrained fills them in later), so nothing can be tied here.
+        self._init_pruning_state("keep")
+
+    # diffusers reads the accepted config keys from the signature of `__init__`: expose DiT's.
+    __init__.__signature__ = inspect.signature(DiTTransformer2DModel.__init__)
 
     # ------------------------------------------------------------------ loading
 
