@@ -1,5 +1,7 @@
 """Measure the class fidelity of a digits `DiTPipeline`: the share of samples the digit classifier assigns to the
-requested class, at one or more guidance scales, with a fixed seed.
+requested class, at one or more guidance scales, with a fixed seed. Also reports the model's denoising loss (eps MSE,
+timesteps and noise drawn with the same seed) on the held-out digits of each style: the gap between the two styles
+is the distribution shift that downstream fine-tuning has to close.
 
 Reproduce the figure recorded for the embedded base (examples/README.md):
 
@@ -15,7 +17,23 @@ import torch
 from diffusers import DiTPipeline
 
 from diffusers_entprune.classifier import class_fidelity, load_digits_classifier
-from diffusers_entprune.embedded import TINY_DIT_DIR
+from diffusers_entprune.embedded import DIGITS_STYLES, TINY_DIT_DIR, digits_to_tensors, load_digits_dataset
+from diffusers_entprune.objectives import DiffusionObjective
+
+
+@torch.no_grad()
+def denoising_loss(pipe: DiTPipeline, style: str, seed: int, repeats: int = 8) -> float:
+    images, labels = digits_to_tensors(load_digits_dataset(style, split="test"))
+    latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    objective = DiffusionObjective.from_scheduler(pipe.scheduler, learn_sigma=pipe.transformer.config.out_channels == 2 * pipe.transformer.config.in_channels)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(repeats):
+        batch = objective.add_noise(latents, torch.randn(latents.shape, generator=generator),
+                                    objective.sample_timesteps(len(latents), generator))
+        prediction = objective.prediction(pipe.transformer(batch.noisy, batch.timesteps, labels).sample)
+        total += ((prediction - batch.target) ** 2).mean().item() / repeats
+    return total
 
 
 def main():
@@ -40,8 +58,10 @@ def main():
         results.append(result)
         print(f"guidance {scale}: class accuracy {result['class_accuracy']:.3f} over {args.num_samples} samples "
               f"(worst class {min(result['per_class_accuracy']):.2f}; {result['seconds']} s)", flush=True)
+    losses = {style: denoising_loss(pipe, style, args.seed) for style in DIGITS_STYLES}
+    print("eps MSE on held-out digits: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     summary = {"pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
-               "torch": torch.__version__, "results": results}
+               "torch": torch.__version__, "results": results, "test_eps_mse": losses}
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -85,6 +85,16 @@ def test_prune_keeps_module_and_parameter_identity_of_kept_blocks():
     assert model.transformer_blocks[2].attn1.to_q.weight is kept_param
 
 
+def test_integer_types_from_rankings_are_accepted():
+    import numpy as np
+
+    model = wrap()
+    model.prune_blocks(np.array([4, 1]))
+    model.prune_blocks(torch.tensor([0]))
+    assert model.kept_block_indices == [2, 3, 5]
+    assert all(type(i) is int for i in model.kept_block_indices)
+
+
 def test_successive_prunes_use_original_indices(model_inputs):
     once, twice = wrap(), wrap()
     once.prune_blocks([1, 3, 4])
@@ -171,6 +181,7 @@ def test_per_block_label_dropout_is_disabled_and_done_once_per_sample(model_inpu
         ([-1], ValueError, "out of range"),
         ([2, 2], ValueError, "more than once"),
         ([1.0], TypeError, "integers"),
+        ([True], TypeError, "integers"),
         (3, TypeError, "list of block indices"),
     ],
 )

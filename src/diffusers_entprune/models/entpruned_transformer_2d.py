@@ -20,6 +20,7 @@ Policies (see README, "Pruning policies"):
 
 import contextlib
 import inspect
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -161,10 +162,16 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
     def _validate_indices(self, indices: Iterable[int], argument: str) -> list[int]:
         if isinstance(indices, (int, str)) or not isinstance(indices, Iterable):
             raise TypeError(f"`{argument}` must be a list of block indices, got {indices!r}.")
-        indices = list(indices)
+        checked = []
         for i in indices:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError(f"`{argument}` must contain integers, got {i!r}.")
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                checked.append(operator.index(i))  # ints, numpy and 0-d torch integers (e.g. from an argsort)
+            except TypeError:
+                raise TypeError(f"`{argument}` must contain integers, got {i!r}.") from None
+        indices = checked
+        for i in indices:
             if not 0 <= i < self.original_num_layers:
                 raise ValueError(f"`{argument}`: block {i} is out of range; the original model has blocks "
                                  f"0..{self.original_num_layers - 1}.")
