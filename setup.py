@@ -25,12 +25,11 @@ setup(
         "huggingface_hub>=0.23",
         "numpy",
         "pillow",
-        "tqdm",
-        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3"],
-        "dev": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "scipy"],
+        "test": ["pytest>=7"],
+        # scripts/ that rebuild the embedded assets, and bench/
+        "dev": ["pytest>=7", "scikit-learn>=1.3", "psutil"],
     },
     entry_points={"console_scripts": ["entprune=diffusers_entprune.cli:main"]},
     classifiers=[

@@ -4,12 +4,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses some tests start
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with other work, thread
+# oversubscription made them up to 100x slower (measured).
+torch.set_num_threads(1)
 
 
 def make_tiny_dit(num_layers: int = 6, seed: int = 0, identical_embedders: bool = True) -> DiTTransformer2DModel:

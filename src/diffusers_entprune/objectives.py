@@ -57,6 +57,10 @@ class DiffusionObjective:
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, device=None):
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
+    def timesteps_from_fraction(self, fractions: torch.Tensor) -> torch.Tensor:
+        """Fractions of the training time range in [0, 1] -> integer timesteps 0..T-1."""
+        return (fractions * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
         abar = self._take(self.alphas_cumprod, timesteps, x0)
         noisy = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise

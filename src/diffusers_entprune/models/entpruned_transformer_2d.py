@@ -239,9 +239,10 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
         """Latents (N, C, H, W) -> patch tokens with positional embedding (N, L, D)."""
         return self.pos_embed(hidden_states)
 
-    def run_blocks(self, hidden_states, timestep, class_labels, start: int = 0, cross_attention_kwargs=None):
-        """Run the kept, non-skipped blocks from position ``start`` of `transformer_blocks` on."""
-        for position in range(start, self.num_blocks):
+    def run_blocks(self, hidden_states, timestep, class_labels, start: int = 0, end: int | None = None,
+                   cross_attention_kwargs=None):
+        """Run the non-skipped blocks at positions ``start`` to ``end`` (exclusive) of `transformer_blocks`."""
+        for position in range(start, self.num_blocks if end is None else end):
             if self.kept_block_indices[position] in self.skipped_block_indices:
                 continue
             block = self.transformer_blocks[position]

@@ -1,0 +1,3 @@
+from .ced import CEDOptions, CEDResult, GaussianEntropyAccumulator, compute_ced
+
+__all__ = ["CEDOptions", "CEDResult", "GaussianEntropyAccumulator", "compute_ced"]
