@@ -134,3 +134,5 @@ def test_bad_options_and_inputs_are_refused():
         compute_ced(model(), objective(), data(), 1)
     with pytest.raises(ValueError, match="ran out"):
         compute_ced(model(), objective(), data(n=32), 64)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        compute_ced(model(), objective(), [(torch.randn(8, 4, 16, 16), torch.zeros(8, dtype=torch.long))], 8)

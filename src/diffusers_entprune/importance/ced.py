@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .draws import fixed_draws
+from .result import ImportanceResult
+
 VARIANCE_GRANULARITIES = ("scalar", "channel", "diag")
 
 
@@ -118,25 +121,17 @@ class GaussianEntropyAccumulator:
 
 
 @dataclass
-class CEDResult:
-    block_indices: list[int]  # original indices of the scored (kept) blocks
-    scores: list[float]  # CED per block, in the order of block_indices
-    bucket_scores: list[list[float]]  # [block][timestep bucket]
-    entropy_full: float
-    entropy_skipped: list[float]
-    num_samples: int
-    options: dict = field(default_factory=dict)
+class CEDResult(ImportanceResult):
+    bucket_scores: list[list[float]] = field(default_factory=list)  # [block][timestep bucket]
+    entropy_full: float = 0.0
+    entropy_skipped: list[float] = field(default_factory=list)
 
-    @property
-    def ranking(self) -> list[int]:
-        """Original block indices from least to most important (smallest |CED| first; ties by index)."""
-        order = sorted(range(len(self.scores)), key=lambda k: (abs(self.scores[k]), self.block_indices[k]))
-        return [self.block_indices[k] for k in order]
+    def _importance(self, k: int) -> float:
+        return abs(self.scores[k])  # signed scores rank by magnitude
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["ranking"] = self.ranking
-        return out
+        return {**super().to_dict(), "bucket_scores": self.bucket_scores, "entropy_full": self.entropy_full,
+                "entropy_skipped": self.entropy_skipped}
 
 
 def _block_outputs_prefix_cached(model, tokens, timesteps, labels):
@@ -195,46 +190,23 @@ def compute_ced(
     device = next(model.parameters()).device
     low, high = options.timestep_range
     buckets_n = int(options.num_timestep_buckets)
-    generator = torch.Generator().manual_seed(seed)
-    all_fractions = low + (high - low) * torch.rand(num_samples, generator=generator, dtype=torch.float64)
-    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    all_noise = torch.randn((num_samples, *latent_shape), generator=generator)
-    mine = torch.arange(process_index, num_samples, num_processes)
-    all_fractions, all_noise = all_fractions[mine], all_noise[mine]
-    local_total = len(mine)
-
     num_classes = model.config.num_embeds_ada_norm + 1 if options.per_class else 1
     accumulator = None  # created at the first batch, when the prediction's shape is known
     runner = _block_outputs_prefix_cached if prefix_cache else _block_outputs_naive
-    seen = 0
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=local_total, desc="CED", disable=not progress)
-    for latents, labels in batches:
-        take = min(len(latents), local_total - seen)
-        if take <= 0:
-            break
-        latents, labels = latents[:take].to(device), labels[:take].to(device)
-        fractions = all_fractions[seen : seen + take]
-        noise = all_noise[seen : seen + take].to(device=device, dtype=latents.dtype)
-        batch = objective.add_noise(latents, noise, objective.timesteps_from_fraction(fractions).to(device))
-        buckets = ((fractions - low) / (high - low) * buckets_n).long().clamp(max=buckets_n - 1).to(device)
+    for draw in fixed_draws(model, objective, batches, num_samples, seed, options.timestep_range, process_index,
+                            num_processes, progress_desc="CED" if progress else None):
+        t, labels = draw.noised.timesteps, draw.labels
+        buckets = ((draw.fractions - low) / (high - low) * buckets_n).long().clamp(max=buckets_n - 1).to(device)
         classes = labels if options.per_class else torch.zeros_like(labels)
-
-        tokens = model.embed(batch.noisy.to(model.dtype))
-        full, skipped = runner(model, tokens, batch.timesteps, labels)
+        full, skipped = runner(model, model.embed(draw.noised.noisy.to(model.dtype)), t, labels)
         for variant, final_tokens in enumerate([full, *skipped]):
-            prediction = objective.prediction(model.head(final_tokens, batch.timesteps, labels))
+            prediction = objective.prediction(model.head(final_tokens, t, labels))
             if accumulator is None:
                 accumulator = GaussianEntropyAccumulator(1 + model.num_blocks, buckets_n, num_classes,
                                                          prediction.shape[1:], options.variance, device=device)
             accumulator.update(variant, prediction, classes, buckets)
-        seen += take
-        bar.update(take)
-    bar.close()
-    if accumulator is None or seen < local_total:
-        raise ValueError(f"`batches` ran out after {seen} samples; `num_samples`={num_samples} asks for more.")
+    seen = int(accumulator.count[0].sum().item())
     if reduce is not None:
         accumulator.load_state([reduce(t) for t in accumulator.state()])
         seen = int(accumulator.count[0].sum().item())
@@ -245,6 +217,7 @@ def compute_ced(
     if not options.signed:
         deviation, bucket_deviation = deviation.abs(), bucket_deviation.abs()
     return CEDResult(
+        method="ced",
         block_indices=list(model.kept_block_indices),
         scores=deviation.tolist(),
         bucket_scores=bucket_deviation.tolist(),

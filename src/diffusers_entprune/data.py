@@ -1,0 +1,157 @@
+"""`datasets` -> (latent, label) batches for scoring and fine-tuning.
+
+Any `datasets` source works: a Hub id (``dataset_name``), a local folder (``train_data_dir``: an imagefolder, or a
+folder of parquet files), with ``streaming=True`` too. Images are preprocessed as DiT does (shrink, bicubic resize
+of the short side, centre crop, [-1, 1]) and encoded by the pipeline's VAE times its scaling factor. An optional
+on-disk latent cache (safetensors) lets scoring and training skip the VAE the second time.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def load_image_dataset(dataset_name: str | None = None, train_data_dir: str | None = None, split: str = "train",
+                       dataset_config_name: str | None = None, streaming: bool = False, cache_dir: str | None = None):
+    """Load the training images: exactly one of ``dataset_name`` (Hub id or a path `load_dataset` understands) and
+    ``train_data_dir`` (an imagefolder, or a folder of ``*.parquet`` files)."""
+    from datasets import load_dataset
+
+    if (dataset_name is None) == (train_data_dir is None):
+        raise ValueError("Pass exactly one of `dataset_name` (a Hub or local dataset) and `train_data_dir`.")
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"`train_data_dir`={train_data_dir!r} is not a folder.")
+        parquet = sorted(os.path.join(root, f) for root, _, files in os.walk(train_data_dir)
+                         for f in files if f.endswith(".parquet"))
+        if parquet:
+            # files or sub-folders named after the split (train.parquet, train/...) are honoured; else all files
+            files = [p for p in parquet if os.path.relpath(p, train_data_dir).startswith(split)] or parquet
+            return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
+                                cache_dir=cache_dir)
+        return load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming,
+                            cache_dir=cache_dir)
+    return load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+
+
+def check_columns(dataset, image_column: str, label_column: str, num_classes: int | None = None) -> None:
+    """Fail early, naming the argument, when the dataset cannot feed a class-conditional model."""
+    columns = list(dataset.column_names or (dataset.features or {}).keys())
+    if image_column not in columns:
+        raise ValueError(f"`image_column`={image_column!r} is not a column of the dataset; columns: {columns}.")
+    if label_column not in columns:
+        raise ValueError(f"`label_column`={label_column!r} is not a column of the dataset; columns: {columns}. "
+                         "Class-conditional pruning needs a label per image.")
+    features = dataset.features or {}
+    names = getattr(features.get(label_column), "names", None)
+    if num_classes is not None and names is not None and len(names) > num_classes:
+        raise ValueError(f"`label_column`={label_column!r} has {len(names)} classes but the model knows "
+                         f"{num_classes}; fine-tune a model with more class embeddings or map the labels.")
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """DiT's preprocessing: halve with a box filter while the short side is >= 2x the target, resize the short side
+    to ``resolution`` (bicubic), then crop the centre square."""
+    if min(image.size) < resolution:
+        raise ValueError(f"An image of size {image.size} is smaller than `resolution`={resolution}; pass a smaller "
+                         "`resolution` or upscale the dataset first (we do not upscale silently).")
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def images_to_tensor(images, resolution: int) -> torch.Tensor:
+    arrays = [np.asarray(center_crop_resize(image, resolution), dtype=np.float32) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+class LatentBatches:
+    """Iterate (latents, labels) batches of a dataset through a VAE, optionally through an on-disk cache.
+
+    Args:
+        dataset: a `datasets` Dataset or IterableDataset with ``image_column`` and ``label_column``.
+        vae: the pipeline's `AutoencoderKL`; latents are ``encode(x).latent_dist.mean * scaling_factor`` (or a
+            sample with ``latent_sampling="sample"``, as DiT's training does).
+        num_classes: labels must lie in ``[0, num_classes)``; anything else is refused when it is met.
+        cache_dir: where to keep encoded latents (keyed by dataset fingerprint, VAE config, resolution and
+            sampling); the first full pass writes them, later passes read them.
+    """
+
+    def __init__(self, dataset, vae, resolution: int, batch_size: int = 64, image_column: str = "image",
+                 label_column: str = "label", num_classes: int | None = None, latent_sampling: str = "mean",
+                 cache_dir: str | None = None, seed: int = 0):
+        if latent_sampling not in ("mean", "sample"):
+            raise ValueError(f"`latent_sampling` must be 'mean' or 'sample', got {latent_sampling!r}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        check_columns(dataset, image_column, label_column, num_classes)
+        self.dataset, self.vae, self.resolution, self.batch_size = dataset, vae, resolution, batch_size
+        self.image_column, self.label_column, self.num_classes = image_column, label_column, num_classes
+        self.latent_sampling, self.seed = latent_sampling, seed
+        self.cache_path = os.path.join(cache_dir, f"latents-{self._cache_key()}.safetensors") if cache_dir else None
+
+    def _cache_key(self) -> str:
+        fingerprint = getattr(self.dataset, "_fingerprint", None) or repr(getattr(self.dataset, "info", ""))
+        key = json.dumps([fingerprint, dict(self.vae.config), self.resolution, self.latent_sampling, self.seed,
+                          self.image_column, self.label_column], sort_keys=True, default=str)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _check_labels(self, labels: list) -> torch.Tensor:
+        if any(label is None for label in labels):
+            raise ValueError(f"`label_column`={self.label_column!r} has missing labels.")
+        labels = torch.tensor(labels, dtype=torch.long)
+        if self.num_classes is not None and ((labels < 0) | (labels >= self.num_classes)).any():
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][:5].tolist()
+            raise ValueError(f"`label_column`={self.label_column!r} holds labels {bad} outside the model's "
+                             f"classes 0..{self.num_classes - 1}.")
+        return labels
+
+    @torch.no_grad()
+    def _encode(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        device, dtype = self.vae.device, self.vae.dtype
+        images, labels = [], []
+
+        def flush():
+            pixels = images_to_tensor(images, self.resolution).to(device=device, dtype=dtype)
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.mean if self.latent_sampling == "mean" else \
+                posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+            return (latents * self.vae.config.scaling_factor).float().cpu(), self._check_labels(labels)
+
+        for example in self.dataset:
+            images.append(example[self.image_column])
+            labels.append(example[self.label_column])
+            if len(images) == self.batch_size:
+                yield flush()
+                images, labels = [], []
+        if images:
+            yield flush()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from safetensors.torch import load_file, save_file
+
+        if self.cache_path and os.path.isfile(self.cache_path):
+            cached = load_file(self.cache_path)
+            yield from zip(cached["latents"].split(self.batch_size), cached["labels"].split(self.batch_size))
+            return
+        parts = []
+        for latents, labels in self._encode():
+            if self.cache_path:
+                parts.append((latents, labels))
+            yield latents, labels
+        if self.cache_path and parts:  # only a complete pass is cached; written under a temporary name
+            os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+            tmp = f"{self.cache_path}.tmp-{os.getpid()}"
+            save_file({"latents": torch.cat([p[0] for p in parts]).contiguous(),
+                       "labels": torch.cat([p[1] for p in parts])}, tmp)
+            os.replace(tmp, self.cache_path)
