@@ -25,6 +25,8 @@ setup(
         "huggingface_hub>=0.23",
         "numpy",
         "pillow",
+        "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=7"],

@@ -51,3 +51,37 @@ def test_console_entry_point_is_installed():
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "entprune"), "prune", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--prune_blocks" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["ced", "magnitude", "taylor", "block_influence", "loss", "random"])
+def test_score_command_writes_json_and_plot(tmp_path, source_pipeline, method):
+    from diffusers_entprune.embedded import DIGITS_DIR
+
+    out = tmp_path / f"scores-{method}"
+    args = ["score", "--pretrained_model_name_or_path", source_pipeline, "--method", method, "--num_samples", "48",
+            "--batch_size", "16", "--train_data_dir", os.path.join(DIGITS_DIR, "downstream"),
+            "--output_dir", str(out)]
+    assert main(args) == 0
+    scores = json.load(open(out / "scores.json"))
+    assert scores["method"] == method and scores["num_layers"] == 6 and len(scores["scores"]) == 6
+    assert sorted(scores["ranking"]) == list(range(6))
+    assert scores["resolution"] == 16  # sample_size 8 x the tiny VAE's downsampling 2
+    if method == "ced":
+        assert len(scores["bucket_scores"]) == 6 and len(scores["bucket_scores"][0]) == 4
+        assert scores["num_samples"] == 48 and scores["options"]["variance"] == "channel"
+    assert (out / "scores.png").stat().st_size > 1000
+    with pytest.raises(FileExistsError, match="output_dir"):
+        main(args)
+
+
+def test_score_command_refuses_bad_columns_and_leaves_nothing(tmp_path, source_pipeline):
+    from diffusers_entprune.embedded import DIGITS_DIR
+
+    out = tmp_path / "scores"
+    with pytest.raises(ValueError, match="label_column.*'digit'"):
+        main(["score", "--pretrained_model_name_or_path", source_pipeline, "--label_column", "digit",
+              "--train_data_dir", os.path.join(DIGITS_DIR, "downstream"), "--output_dir", str(out)])
+    assert not out.exists()
+    for bad in (["--num_samples", "1"], ["--batch_size", "0"], ["--method", "entropy"]):
+        with pytest.raises(SystemExit):
+            main(["score", "--output_dir", str(out), *bad])

@@ -1,7 +1,12 @@
 """The ``entprune`` command.
 
+    entprune score --method ced --output_dir scores                  # embedded base and downstream data
+    entprune score --pretrained_model_name_or_path facebook/DiT-XL-2-256 --dataset_name D --output_dir OUT
     entprune prune --prune_blocks 0 5 11 --output_dir tiny-pruned   # embedded base, no network needed
     entprune prune --pretrained_model_name_or_path facebook/DiT-XL-2-256 --prune_blocks ... --output_dir OUT
+
+``score`` ranks the blocks of a DiT on a dataset (CED or a baseline metric) and writes ``scores.json`` and
+``scores.png``.
 
 ``prune`` loads a DiT pipeline, removes the given blocks (original indices), writes a plain `DiTPipeline` folder
 with ``entprune_report.json``, reloads it with an unmodified `DiTPipeline.from_pretrained`, checks that the reloaded
@@ -12,7 +17,9 @@ and the pruned model (bottom rows) with the same seeds.
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 
 def _parse_prune_args(argv):
@@ -92,7 +99,125 @@ def prune_command(argv) -> int:
     return 0
 
 
-COMMANDS = {"prune": prune_command}
+METHODS = ("ced", "magnitude", "taylor", "block_influence", "loss", "random")
+
+
+def _parse_score_args(argv):
+    parser = argparse.ArgumentParser(prog="entprune score", description="Rank the transformer blocks of a DiT.")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="DiT pipeline folder or Hub id (default: the embedded tiny digits base).")
+    parser.add_argument("--revision", default=None)
+    data = parser.add_argument_group("data (default: the embedded downstream digits)")
+    data.add_argument("--dataset_name", default=None, help="A Hub dataset id or a path `datasets` can load.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_data_dir", default=None, help="A local imagefolder, or a folder of parquet files.")
+    data.add_argument("--split", default="train")
+    data.add_argument("--streaming", action="store_true")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--label_column", default="label")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Image size (default: the transformer's sample_size times the VAE's downsampling).")
+    data.add_argument("--latent_cache_dir", default=None, help="Keep encoded latents here for later runs.")
+    parser.add_argument("--method", choices=METHODS, default="ced")
+    parser.add_argument("--num_samples", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    ced = parser.add_argument_group("CED estimator")
+    ced.add_argument("--variance", choices=("scalar", "channel", "diag"), default="channel")
+    ced.add_argument("--signed", action="store_true", help="Report H_skip - H_full instead of its magnitude.")
+    ced.add_argument("--pooled", action="store_true", help="Pool all classes into one Gaussian.")
+    ced.add_argument("--timestep_range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                     help="Fractions of the training time range to draw t from.")
+    ced.add_argument("--num_timestep_buckets", type=int, default=4)
+    ced.add_argument("--no_prefix_cache", action="store_true", help="Run the naive ablation (for checking).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    args = parser.parse_args(argv)
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        parser.error("pass at most one of --dataset_name and --train_data_dir.")
+    if args.num_samples < 2:
+        parser.error("--num_samples must be >= 2 (a variance needs two samples).")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1.")
+    if args.resolution is not None and args.resolution < 1:
+        parser.error("--resolution must be >= 1.")
+    return args
+
+
+def score_command(argv) -> int:
+    args = _parse_score_args(argv)
+    import time
+
+    import torch
+    from diffusers import DiTPipeline
+
+    from .data import LatentBatches, load_image_dataset, repeat_batches, vae_scale_factor
+    from .embedded import TINY_DIT_DIR, load_digits_dataset
+    from .export import check_output_dir
+    from .importance import CEDOptions, baselines, compute_ced
+    from .models import EntPrunedTransformer2DModel
+    from .objectives import DiffusionObjective
+    from .plotting import plot_scores
+
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    options = CEDOptions(variance=args.variance, signed=args.signed, per_class=not args.pooled,
+                         timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets)
+    source = args.pretrained_model_name_or_path or TINY_DIT_DIR
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
+    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
+    transformer.eval()
+    if args.dataset_name is None and args.train_data_dir is None:
+        dataset, dataset_label = load_digits_dataset("downstream", split=args.split), "embedded:digits/downstream"
+    else:
+        dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.dataset_config_name,
+                                     streaming=args.streaming)
+        dataset_label = args.dataset_name or args.train_data_dir
+    resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(pipe.vae)
+    latents = LatentBatches(dataset, pipe.vae, resolution, args.batch_size, args.image_column, args.label_column,
+                            num_classes=transformer.config.num_embeds_ada_norm, cache_dir=args.latent_cache_dir)
+    batches = repeat_batches(latents, args.num_samples)
+    objective = DiffusionObjective.from_scheduler(
+        pipe.scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
+
+    start = time.time()
+    common = dict(seed=args.seed, timestep_range=options.timestep_range, progress=True)
+    if args.method == "ced":
+        result = compute_ced(transformer, objective, batches, args.num_samples, options, seed=args.seed,
+                             prefix_cache=not args.no_prefix_cache, progress=True)
+    elif args.method == "random":
+        result = baselines.random_scores(transformer, seed=args.seed)
+    elif args.method == "magnitude":
+        result = baselines.magnitude_scores(transformer)
+    elif args.method == "taylor":
+        result = baselines.taylor_scores(transformer, objective, batches, args.num_samples, **common)
+    elif args.method == "block_influence":
+        result = baselines.block_influence_scores(transformer, objective, batches, args.num_samples, **common)
+    else:
+        result = baselines.loss_ablation_scores(transformer, objective, batches, args.num_samples, **common)
+    scores = result.to_dict()
+    scores.update(pretrained_model_name_or_path=str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
+                  dataset=dataset_label, split=args.split, resolution=resolution,
+                  seconds=round(time.time() - start, 2), device=str(device))
+
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".entprune-score-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "scores.json"), "w") as f:
+            json.dump(scores, f, indent=2)
+        plot_scores(scores, os.path.join(tmp, "scores.png"))
+        if os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)  # only reached when empty or --overwrite_output_dir
+        os.replace(tmp, args.output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{args.method}: least to most important {scores['ranking']} ({scores['seconds']} s)")
+    print(f"wrote {os.path.join(args.output_dir, 'scores.json')} and scores.png")
+    return 0
+
+
+COMMANDS = {"score": score_command, "prune": prune_command}
 
 
 def main(argv=None) -> int:

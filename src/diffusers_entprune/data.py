@@ -155,3 +155,24 @@ class LatentBatches:
             save_file({"latents": torch.cat([p[0] for p in parts]).contiguous(),
                        "labels": torch.cat([p[1] for p in parts])}, tmp)
             os.replace(tmp, self.cache_path)
+
+
+def repeat_batches(batches, num_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pass over ``batches`` (re-iterable) as often as needed to yield ``num_samples`` samples.
+
+    Each pass meets the images again with new timesteps and noise, so repeating a small dataset is legitimate.
+    """
+    yielded = 0
+    while yielded < num_samples:
+        before = yielded
+        for latents, labels in batches:
+            yield latents, labels
+            yielded += len(latents)
+            if yielded >= num_samples:
+                return
+        if yielded == before:
+            raise ValueError("The dataset is empty: it yielded no images.")
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
