@@ -1,13 +1,15 @@
 """Fixed, seeded draws of (x0, class, t, noise) shared by every importance metric.
 
-The timesteps and noise of all ``num_samples`` samples are drawn up front from one seed, so every variant of the
-model (full, block i skipped) and every metric sees the same draws (common random numbers), and the result does not
-depend on the batch size. With several processes, process p takes samples p, p + P, p + 2P, ...
+Sample j's timestep and noise come from a generator seeded with (seed, j), so every variant of the model (full,
+block i skipped) and every metric sees the same draws (common random numbers), the result does not depend on the
+batch size, and no memory grows with the number of samples. With several processes, process p takes samples
+p, p + P, p + 2P, ...
 """
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..objectives import NoisedBatch
@@ -31,12 +33,17 @@ def fixed_draws(model, objective, batches: Iterable[tuple[torch.Tensor, torch.Te
         raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
     device = next(model.parameters()).device
     low, high = timestep_range
-    generator = torch.Generator().manual_seed(seed)
-    fractions = low + (high - low) * torch.rand(num_samples, generator=generator, dtype=torch.float64)
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    noise = torch.randn((num_samples, *latent_shape), generator=generator)
-    mine = torch.arange(process_index, num_samples, num_processes)
-    fractions, noise = fractions[mine], noise[mine]
+    mine = range(process_index, num_samples, num_processes)
+
+    def draw_for(sample_indices):
+        fractions, noise = [], []
+        for j in sample_indices:
+            # torch seeds its CPU generator with 32 bits: mix (seed, j) into them
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+            fractions.append(low + (high - low) * torch.rand(1, generator=generator, dtype=torch.float64))
+            noise.append(torch.randn(latent_shape, generator=generator))
+        return torch.cat(fractions), torch.stack(noise)
 
     seen = 0
     with tqdm(total=len(mine), desc=progress_desc, disable=progress_desc is None) as bar:
@@ -48,8 +55,8 @@ def fixed_draws(model, objective, batches: Iterable[tuple[torch.Tensor, torch.Te
                 raise ValueError(f"Latents of shape {tuple(latents.shape[1:])} do not fit the model "
                                  f"({latent_shape}); check `resolution` and the VAE.")
             latents, labels = latents[:take].to(device), labels[:take].to(device)
-            f = fractions[seen : seen + take]
-            eps = noise[seen : seen + take].to(device=device, dtype=latents.dtype)
+            f, eps = draw_for(mine[seen : seen + take])
+            eps = eps.to(device=device, dtype=latents.dtype)
             noised = objective.add_noise(latents, eps, objective.timesteps_from_fraction(f).to(device))
             yield Draw(latents=latents, labels=labels, noised=noised, fractions=f)
             seen += take
