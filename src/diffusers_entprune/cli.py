@@ -151,7 +151,7 @@ def score_command(argv) -> int:
     import torch
     from diffusers import DiTPipeline
 
-    from .data import LatentBatches, load_image_dataset, repeat_batches, vae_scale_factor
+    from .data import LatentBatches, load_image_dataset, repeat_batches, shard_batches, vae_scale_factor
     from .embedded import TINY_DIT_DIR, load_digits_dataset
     from .export import check_output_dir
     from .importance import CEDOptions, baselines, compute_ced
@@ -159,11 +159,14 @@ def score_command(argv) -> int:
     from .objectives import DiffusionObjective
     from .plotting import plot_scores
 
+    from accelerate import Accelerator
+
     check_output_dir(args.output_dir, args.overwrite_output_dir)
+    accelerator = Accelerator()  # one process, or several under `accelerate launch` (statistics are summed)
     options = CEDOptions(variance=args.variance, signed=args.signed, per_class=not args.pooled,
                          timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets)
     source = args.pretrained_model_name_or_path or TINY_DIT_DIR
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator.device
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
     pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
     transformer.eval()
@@ -176,15 +179,19 @@ def score_command(argv) -> int:
     resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(pipe.vae)
     latents = LatentBatches(dataset, pipe.vae, resolution, args.batch_size, args.image_column, args.label_column,
                             num_classes=transformer.config.num_embeds_ada_norm, cache_dir=args.latent_cache_dir)
-    batches = repeat_batches(latents, args.num_samples)
+    batches = shard_batches(repeat_batches(latents, args.num_samples), accelerator.process_index,
+                            accelerator.num_processes)
     objective = DiffusionObjective.from_scheduler(
         pipe.scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
 
     start = time.time()
-    common = dict(seed=args.seed, timestep_range=options.timestep_range, progress=True)
+    shards = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                  reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu() if accelerator.num_processes > 1 else t)
+    progress = accelerator.is_local_main_process
+    common = dict(seed=args.seed, timestep_range=options.timestep_range, progress=progress, **shards)
     if args.method == "ced":
         result = compute_ced(transformer, objective, batches, args.num_samples, options, seed=args.seed,
-                             prefix_cache=not args.no_prefix_cache, progress=True)
+                             prefix_cache=not args.no_prefix_cache, progress=progress, **shards)
     elif args.method == "random":
         result = baselines.random_scores(transformer, seed=args.seed)
     elif args.method == "magnitude":
@@ -198,7 +205,9 @@ def score_command(argv) -> int:
     scores = result.to_dict()
     scores.update(pretrained_model_name_or_path=str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
                   dataset=dataset_label, split=args.split, resolution=resolution,
-                  seconds=round(time.time() - start, 2), device=str(device))
+                  seconds=round(time.time() - start, 2), device=str(device), num_processes=accelerator.num_processes)
+    if not accelerator.is_main_process:
+        return 0
 
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     os.makedirs(parent, exist_ok=True)

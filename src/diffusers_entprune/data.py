@@ -176,3 +176,14 @@ def repeat_batches(batches, num_samples: int) -> Iterator[tuple[torch.Tensor, to
 
 def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def shard_batches(batches, process_index: int, num_processes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of a stream of batches: global samples p, p + P, p + 2P, ... (matching the draws of
+    `diffusers_entprune.importance.draws.fixed_draws`), whatever the batch boundaries."""
+    offset = 0
+    for latents, labels in batches:
+        first = (process_index - offset) % num_processes
+        if first < len(latents):
+            yield latents[first::num_processes], labels[first::num_processes]
+        offset += len(latents)
