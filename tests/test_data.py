@@ -108,3 +108,12 @@ def test_repeat_batches_cycles_and_refuses_an_empty_dataset():
     assert [len(x) for x, _ in repeat_batches(batches, 12)] == [4, 3, 4, 3]
     with pytest.raises(ValueError, match="empty"):
         list(repeat_batches([], 5))
+
+
+def test_shard_batches_matches_global_sample_indices_whatever_the_batch_boundaries():
+    from diffusers_entprune.data import shard_batches
+
+    batches = [(torch.arange(a, b), torch.arange(a, b)) for a, b in [(0, 5), (5, 7), (7, 15), (15, 16)]]
+    for p in range(3):
+        got = torch.cat([x for x, _ in shard_batches(batches, p, 3)]).tolist()
+        assert got == list(range(p, 16, 3))
