@@ -4,7 +4,7 @@ Random weights (the cost does not depend on them), random latents and labels, DD
 
     python bench/ced_cost.py --config s2 --num_samples 256 --batch_size 32          # time ratio, same run
     python bench/ced_cost.py --config xl --num_samples 8 --batch_size 4
-    python bench/ced_cost.py --config s2 --memory_sweep 256 1024 4096 --batch_size 32  # one process per N
+    python bench/ced_cost.py --config tiny --memory_sweep 256 1024 4096 --batch_size 64  # one process per N
 """
 
 import argparse
@@ -22,6 +22,8 @@ from diffusers_entprune.importance import compute_ced
 from diffusers_entprune.objectives import DiffusionObjective
 
 CONFIGS = {
+    # the embedded base's size: 12 blocks, hidden 96, 8x8x4 latents (for the memory sweep over N)
+    "tiny": dict(num_attention_heads=4, attention_head_dim=24, num_layers=12, sample_size=8),
     # DiT-S/2-like: 12 blocks, hidden 384 (6 x 64), on 16x16x4 latents
     "s2": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=16),
     # the real DiT-XL/2-256 config: 28 blocks, hidden 1152 (16 x 72), 32x32x4 latents

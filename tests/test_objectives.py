@@ -46,3 +46,34 @@ def test_loss_is_mse_plus_bound_and_the_bound_does_not_train_the_mean():
     loss.sum().backward()
     assert torch.allclose(output.grad[:, :4], mse_grad)  # the mean channels see only the MSE
     assert output.grad[:, 4:].abs().sum() > 0
+
+
+def test_flow_objective_follows_sit_conventions():
+    from diffusers_entprune.objectives import FlowObjective
+
+    objective = FlowObjective(learn_sigma=True)
+    x1, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = objective.timesteps_from_fraction(torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64))
+    assert t.dtype == torch.float32 and t.tolist() == [0.0, 0.25, 1.0]  # raw t, not x1000
+    batch = objective.add_noise(x1, noise, t)
+    assert torch.equal(batch.noisy[0], noise[0])  # t = 0 is noise
+    assert torch.equal(batch.noisy[2], x1[2])  # t = 1 is data
+    assert torch.allclose(batch.noisy[1], 0.25 * x1[1] + 0.75 * noise[1])
+    assert torch.equal(batch.target, x1 - noise)  # velocity d x_t / d t
+    output = torch.cat([batch.target, torch.randn(3, 4, 8, 8)], dim=1)
+    assert torch.equal(objective.prediction(output), batch.target)
+    assert torch.equal(objective.loss(output, x1, batch), torch.zeros(3))
+
+
+def test_ced_runs_on_the_flow_objective():
+    from conftest import make_tiny_dit
+
+    from diffusers_entprune.importance import compute_ced
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+    from diffusers_entprune.objectives import FlowObjective
+
+    model = EntPrunedTransformer2DModel.from_transformer(make_tiny_dit()).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 4, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g))]
+    result = compute_ced(model, FlowObjective(learn_sigma=True), batches, 32)
+    assert len(result.scores) == 6 and all(s >= 0 for s in result.scores)

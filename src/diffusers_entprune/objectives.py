@@ -1,8 +1,13 @@
 """Training objectives and model-output conventions, in one place.
 
+Each objective draws (x_t, t, target) from clean latents and noise (`add_noise`), maps fractions of its time range
+to the timesteps the model takes (`timesteps_from_fraction`), names the output channels that are "the prediction"
+(`prediction`) and gives the per-sample training loss (`loss`).
+
 `DiffusionObjective` is DiT's: DDPM forward noising with the betas of the pipeline's scheduler, epsilon
 prediction, and, when the transformer has learned sigma (``out_channels == 2 * in_channels``), the variance
 channels trained by the variational bound with the mean detached (Improved DDPM's hybrid loss, as DiT uses it).
+`FlowObjective` is SiT's linear interpolant with velocity prediction.
 """
 
 import math
@@ -97,3 +102,32 @@ class DiffusionObjective:
         nll = 0.5 * (math.log(2 * math.pi) + model_log_variance + (x0 - model_mean) ** 2 * torch.exp(-model_log_variance))
         nll = nll.mean(dim=dims) / math.log(2.0)
         return torch.where(t == 0, nll, kl) * (self.num_train_timesteps / 1000.0)
+
+
+class FlowObjective:
+    """SiT's linear interpolant (flow matching) objective.
+
+    Time ``t`` in [0, 1] with t = 0 noise and t = 1 data: ``x_t = t * x1 + (1 - t) * x0`` (x1 the clean latents,
+    x0 Gaussian noise); the model receives raw ``t`` and predicts the velocity ``x1 - x0``. With learned sigma
+    (SiT checkpoints keep DiT's 2x output channels) the second half of the output is ignored, as SiT does.
+    """
+
+    def __init__(self, learn_sigma: bool = False):
+        self.learn_sigma = learn_sigma
+
+    def timesteps_from_fraction(self, fractions: torch.Tensor) -> torch.Tensor:
+        return fractions.to(torch.float32)
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, device=None):
+        return torch.rand(batch_size, generator=generator, device=device)
+
+    def add_noise(self, x1: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
+        t = timesteps.to(x1.dtype).view(-1, *([1] * (x1.ndim - 1)))
+        return NoisedBatch(noisy=t * x1 + (1 - t) * noise, timesteps=timesteps, target=x1 - noise)
+
+    def prediction(self, model_output: torch.Tensor) -> torch.Tensor:
+        return model_output.chunk(2, dim=1)[0] if self.learn_sigma else model_output
+
+    def loss(self, model_output: torch.Tensor, x1: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
+        """Per-sample velocity MSE."""
+        return ((self.prediction(model_output) - batch.target) ** 2).mean(dim=tuple(range(1, x1.ndim)))
