@@ -54,7 +54,8 @@ def main():
     x, t, y = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.tensor([207, 1000])
     with torch.no_grad():
         diff = (pipe.transformer.eval()(x, t, y).sample - model(x, t, y).sample).abs().max().item()
-    print(f"max |reloaded - in-memory| = {diff}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"max |reloaded - in-memory| = {diff}; peak RSS {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

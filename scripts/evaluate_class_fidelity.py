@@ -25,7 +25,9 @@ from diffusers_entprune.objectives import DiffusionObjective
 def denoising_loss(pipe: DiTPipeline, style: str, seed: int, repeats: int = 8) -> float:
     images, labels = digits_to_tensors(load_digits_dataset(style, split="test"))
     latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
-    objective = DiffusionObjective.from_scheduler(pipe.scheduler, learn_sigma=pipe.transformer.config.out_channels == 2 * pipe.transformer.config.in_channels)
+    config = pipe.transformer.config
+    objective = DiffusionObjective.from_scheduler(pipe.scheduler,
+                                                  learn_sigma=config.out_channels == 2 * config.in_channels)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(repeats):

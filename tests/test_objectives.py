@@ -18,7 +18,8 @@ def test_forward_noising_matches_the_scheduler():
 def test_prediction_splits_off_learned_sigma_channels():
     output = torch.randn(2, 8, 4, 4)
     assert torch.equal(DiffusionObjective.from_scheduler(make_scheduler()).prediction(output), output[:, :4])
-    assert torch.equal(DiffusionObjective.from_scheduler(make_scheduler(), learn_sigma=False).prediction(output), output)
+    without_sigma = DiffusionObjective.from_scheduler(make_scheduler(), learn_sigma=False)
+    assert torch.equal(without_sigma.prediction(output), output)
 
 
 def test_variational_bound_is_zero_for_the_true_posterior_and_positive_otherwise():

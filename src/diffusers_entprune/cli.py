@@ -17,9 +17,7 @@ and the pruned model (bottom rows) with the same seeds.
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 
 def _parse_prune_args(argv):
@@ -30,7 +28,8 @@ def _parse_prune_args(argv):
     parser.add_argument("--prune_blocks", type=int, nargs="+", required=True,
                         help="Original indices of the blocks to remove, e.g. `--prune_blocks 0 5 11`.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing, non-empty output_dir.")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Replace an existing, non-empty output_dir.")
     parser.add_argument("--save_fp16", action="store_true", help="Store weights in float16 (half the size).")
     parser.add_argument("--num_samples_per_row", type=int, default=8, help="Samples per row of the grid (0: none).")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
@@ -85,7 +84,8 @@ def prune_command(argv) -> int:
     t, y = torch.tensor([10, 500]), torch.tensor([labels[0], transformer.null_class_label])
     with torch.no_grad():
         difference = (reloaded.transformer.eval()(latents, t, y).sample - transformer(latents, t, y).sample).abs().max()
-    print(f"reloaded with DiTPipeline.from_pretrained: max |difference| to the in-memory model = {difference.item():.3g}")
+    print("reloaded with DiTPipeline.from_pretrained: max |difference| to the in-memory model = "
+          f"{difference.item():.3g}")
 
     if args.num_samples_per_row:
         pruned_images = sample(reloaded)
@@ -148,18 +148,16 @@ def score_command(argv) -> int:
     args = _parse_score_args(argv)
     import time
 
-    import torch
+    from accelerate import Accelerator
     from diffusers import DiTPipeline
 
     from .data import LatentBatches, load_image_dataset, repeat_batches, shard_batches, vae_scale_factor
     from .embedded import TINY_DIT_DIR, load_digits_dataset
-    from .export import check_output_dir
+    from .export import check_output_dir, staged_output_dir
     from .importance import CEDOptions, baselines, compute_ced
     from .models import EntPrunedTransformer2DModel
     from .objectives import DiffusionObjective
     from .plotting import plot_scores
-
-    from accelerate import Accelerator
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (statistics are summed)
@@ -185,8 +183,11 @@ def score_command(argv) -> int:
         pipe.scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
 
     start = time.time()
+    def sum_over_processes(tensor):
+        return accelerator.reduce(tensor.to(device), "sum").cpu() if accelerator.num_processes > 1 else tensor
+
     shards = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                  reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu() if accelerator.num_processes > 1 else t)
+                  reduce=sum_over_processes)
     progress = accelerator.is_local_main_process
     common = dict(seed=args.seed, timestep_range=options.timestep_range, progress=progress, **shards)
     if args.method == "ced":
@@ -209,18 +210,10 @@ def score_command(argv) -> int:
     if not accelerator.is_main_process:
         return 0
 
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".entprune-score-", dir=parent)
-    try:
+    with staged_output_dir(args.output_dir) as tmp:
         with open(os.path.join(tmp, "scores.json"), "w") as f:
             json.dump(scores, f, indent=2)
         plot_scores(scores, os.path.join(tmp, "scores.png"))
-        if os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)  # only reached when empty or --overwrite_output_dir
-        os.replace(tmp, args.output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{args.method}: least to most important {scores['ranking']} ({scores['seconds']} s)")
     print(f"wrote {os.path.join(args.output_dir, 'scores.json')} and scores.png")
     return 0

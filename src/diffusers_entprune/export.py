@@ -6,6 +6,7 @@ The folder holds only diffusers classes (`DiTTransformer2DModel`, `AutoencoderKL
 and renamed into place, so an interrupted save never leaves a half-written folder under ``output_dir``.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -36,6 +37,30 @@ def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "
         probe = os.path.dirname(probe)
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"`{argument}`={output_dir!r}: {probe!r} is not writable.")
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir: str):
+    """Yield a temporary folder beside ``output_dir``; when the block finishes, it replaces ``output_dir``.
+
+    An error inside the block leaves ``output_dir`` as it was and removes the temporary folder; a previous
+    ``output_dir`` is removed only after the new one is in place. (Call `check_output_dir` first.)
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    name = os.path.basename(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(output_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(output_dir, os.path.join(old, "previous"))
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_id2label(pretrained_model_name_or_path, **kwargs) -> dict[int, str] | None:
@@ -94,10 +119,7 @@ def save_pruned_pipeline(
     if dtype is not None:
         plain, vae = _copy_to_dtype(plain, dtype), _copy_to_dtype(vae, dtype)
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-", dir=parent)
-    try:
+    with staged_output_dir(output_dir) as tmp:
         pipe = DiTPipeline(transformer=plain, vae=vae, scheduler=scheduler, id2label=id2label)
         if id2label is not None:
             pipe.register_to_config(id2label={int(k): v for k, v in id2label.items()})
@@ -105,15 +127,6 @@ def save_pruned_pipeline(
         _verify_saved_transformer(tmp, plain.config.num_layers)
         with open(os.path.join(tmp, REPORT_NAME), "w") as f:
             json.dump(pruning_report(transformer, report), f, indent=2)
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.old-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "previous"))
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 

@@ -99,7 +99,8 @@ class DiffusionObjective:
         kl = _normal_kl(true_mean, min_log, model_mean, model_log_variance).mean(dim=dims) / math.log(2.0)
         # At t = 0 the bound is the decoder likelihood. DiT discretises pixels into 256 bins; latents are
         # continuous, so we use the continuous Gaussian negative log-likelihood of x0 instead.
-        nll = 0.5 * (math.log(2 * math.pi) + model_log_variance + (x0 - model_mean) ** 2 * torch.exp(-model_log_variance))
+        squared = (x0 - model_mean) ** 2 * torch.exp(-model_log_variance)
+        nll = 0.5 * (math.log(2 * math.pi) + model_log_variance + squared)
         nll = nll.mean(dim=dims) / math.log(2.0)
         return torch.where(t == 0, nll, kl) * (self.num_train_timesteps / 1000.0)
 

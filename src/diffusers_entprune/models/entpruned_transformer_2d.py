@@ -95,7 +95,8 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
         if not isinstance(transformer, DiTTransformer2DModel):
             raise TypeError(
                 f"`transformer` must be a diffusers DiTTransformer2DModel, got {type(transformer).__name__}. "
-                "Load DiT/SiT checkpoints with EntPrunedTransformer2DModel.from_pretrained(path, subfolder='transformer')."
+                "Load DiT/SiT checkpoints with "
+                "EntPrunedTransformer2DModel.from_pretrained(path, subfolder='transformer')."
             )
         from accelerate import init_empty_weights
 
