@@ -135,26 +135,26 @@ class CEDResult(ImportanceResult):
 
 
 def _block_outputs_prefix_cached(model, tokens, timesteps, labels):
-    """Final tokens of the full model and of the model with each kept block skipped.
+    """Yield the final tokens of the full model, then of the model with each kept block skipped, in order.
 
     Blocks before i see unchanged inputs, so the full forward stores every block's input once; skipping block i
     then runs only the blocks after it, starting from block i's input. About half the block calls of the naive way.
+    Outputs are yielded one at a time, so only the block inputs are held.
     """
     inputs, h = [], tokens
     for position in range(model.num_blocks):
         inputs.append(h)
         h = model.run_blocks(h, timesteps, labels, start=position, end=position + 1)
-    skipped = [model.run_blocks(inputs[p], timesteps, labels, start=p + 1) for p in range(model.num_blocks)]
-    return h, skipped
+    yield h
+    for position in range(model.num_blocks):
+        yield model.run_blocks(inputs[position], timesteps, labels, start=position + 1)
 
 
 def _block_outputs_naive(model, tokens, timesteps, labels):
-    full = model.run_blocks(tokens, timesteps, labels)
-    skipped = []
+    yield model.run_blocks(tokens, timesteps, labels)
     for index in model.kept_block_indices:
         with model.skipping([index]):
-            skipped.append(model.run_blocks(tokens, timesteps, labels))
-    return full, skipped
+            yield model.run_blocks(tokens, timesteps, labels)
 
 
 @torch.no_grad()
@@ -199,8 +199,8 @@ def compute_ced(
         t, labels = draw.noised.timesteps, draw.labels
         buckets = ((draw.fractions - low) / (high - low) * buckets_n).long().clamp(max=buckets_n - 1).to(device)
         classes = labels if options.per_class else torch.zeros_like(labels)
-        full, skipped = runner(model, model.embed(draw.noised.noisy.to(model.dtype)), t, labels)
-        for variant, final_tokens in enumerate([full, *skipped]):
+        tokens = model.embed(draw.noised.noisy.to(model.dtype))
+        for variant, final_tokens in enumerate(runner(model, tokens, t, labels)):
             prediction = objective.prediction(model.head(final_tokens, t, labels))
             if accumulator is None:
                 accumulator = GaussianEntropyAccumulator(1 + model.num_blocks, buckets_n, num_classes,
