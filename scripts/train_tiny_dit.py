@@ -155,6 +155,7 @@ def main():
         done = step >= args.max_train_steps or (time.time() - start) >= args.max_train_minutes * 60
         if step % args.eval_steps == 0 or done:
             pipe = DiTPipeline(transformer=untied_copy(ema), vae=vae, scheduler=dit_scheduler(), id2label=id2label)
+            pipe.register_to_config(id2label=id2label)  # DiTPipeline saves id2label only when registered
             acc = class_fidelity(pipe, classifier, args.num_eval_samples, guidance_scale=4.0,
                                  batch_size=args.num_eval_samples)["class_accuracy"]
             history.append({"step": step, "minutes": round((time.time() - start) / 60, 1), "loss": loss.item(),
