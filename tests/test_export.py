@@ -132,3 +132,12 @@ def test_failed_save_leaves_no_half_written_folder_and_keeps_the_old_one(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["out"]
     monkeypatch.undo()
     assert DiTPipeline.from_pretrained(out).transformer.config.num_layers == 5
+
+
+def test_report_counts_parameters_as_saved_and_as_the_original_dit_counts(tmp_path):
+    model = pruned_model([1, 2])
+    save_pruned_pipeline(str(tmp_path / "out"), model, make_tiny_vae(), make_scheduler())
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    saved = DiTPipeline.from_pretrained(tmp_path / "out").transformer
+    assert report["transformer_parameters"] == sum(p.numel() for p in saved.parameters())
+    assert report["transformer_parameters_one_embedder"] == sum(p.numel() for p in model.parameters())  # tied

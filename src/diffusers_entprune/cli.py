@@ -90,8 +90,8 @@ def prune_command(argv) -> int:
     if args.num_samples_per_row:
         pruned_images = sample(reloaded)
         grid = make_image_grid(original_images + pruned_images, rows=2, cols=len(labels))
-        size = max(256, grid.width)
-        grid = grid.resize((size, size * grid.height // grid.width))
+        scale = max(1, 768 // grid.width)  # small models make small images: enlarge without smoothing
+        grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
         grid.save(os.path.join(args.output_dir, "samples.png"))
         print(f"sample grid (top: original, bottom: pruned): {os.path.join(args.output_dir, 'samples.png')}")
     with open(os.path.join(args.output_dir, "entprune_report.json")) as f:

@@ -82,7 +82,10 @@ def pruning_report(transformer, extra: dict | None = None) -> dict:
         "num_layers": len(kept),
         "kept_block_indices": kept,
         "pruned_block_indices": [i for i in range(original) if i not in set(kept)],
-        "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
+        # as saved (every block carries an embedder copy), and as the original DiT counts (one embedder)
+        "transformer_parameters": sum(v.numel() for v in transformer.state_dict().values()),
+        "transformer_parameters_one_embedder": sum(v.numel() for v in transformer.state_dict().values())
+        - (len(kept) - 1) * sum(p.numel() for p in transformer.transformer_blocks[0].norm1.emb.parameters()),
     }
     report.update(extra or {})
     return report
