@@ -207,15 +207,17 @@ def score_command(argv) -> int:
     scores.update(pretrained_model_name_or_path=str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
                   dataset=dataset_label, split=args.split, resolution=resolution,
                   seconds=round(time.time() - start, 2), device=str(device), num_processes=accelerator.num_processes)
-    if not accelerator.is_main_process:
-        return 0
-
-    with staged_output_dir(args.output_dir) as tmp:
-        with open(os.path.join(tmp, "scores.json"), "w") as f:
-            json.dump(scores, f, indent=2)
-        plot_scores(scores, os.path.join(tmp, "scores.png"))
-    print(f"{args.method}: least to most important {scores['ranking']} ({scores['seconds']} s)")
-    print(f"wrote {os.path.join(args.output_dir, 'scores.json')} and scores.png")
+    if accelerator.is_main_process:
+        with staged_output_dir(args.output_dir) as tmp:
+            with open(os.path.join(tmp, "scores.json"), "w") as f:
+                json.dump(scores, f, indent=2)
+            plot_scores(scores, os.path.join(tmp, "scores.png"))
+        print(f"{args.method}: least to most important {scores['ranking']} ({scores['seconds']} s)")
+        print(f"wrote {os.path.join(args.output_dir, 'scores.json')} and scores.png")
+    # every process leaves together and closes the process group: a rank that exits while another still holds
+    # the group open can abort ("terminate called without an active exception"), seen with gloo
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return 0
 
 
