@@ -85,3 +85,24 @@ def test_score_command_refuses_bad_columns_and_leaves_nothing(tmp_path, source_p
     for bad in (["--num_samples", "1"], ["--batch_size", "0"], ["--method", "entropy"]):
         with pytest.raises(SystemExit):
             main(["score", "--output_dir", str(out), *bad])
+
+
+def test_prune_command_takes_the_least_important_blocks_from_a_scores_file(tmp_path, source_pipeline):
+    from diffusers_entprune.embedded import DIGITS_DIR
+
+    scores_dir, out = tmp_path / "scores", tmp_path / "pruned"
+    main(["score", "--pretrained_model_name_or_path", source_pipeline, "--num_samples", "32", "--batch_size", "16",
+          "--train_data_dir", os.path.join(DIGITS_DIR, "downstream"), "--output_dir", str(scores_dir)])
+    ranking = json.load(open(scores_dir / "scores.json"))["ranking"]
+    assert main(["prune", "--pretrained_model_name_or_path", source_pipeline, "--scores",
+                 str(scores_dir / "scores.json"), "--num_prune", "2", "--output_dir", str(out),
+                 "--num_samples_per_row", "0"]) == 0
+    report = json.load(open(out / "entprune_report.json"))
+    assert report["pruned_block_indices"] == sorted(ranking[:2])
+    assert report["pruned_by"]["method"] == "ced" and report["pruned_by"]["num_prune"] == 2
+    for bad in (["--num_prune", "2"], ["--scores", str(scores_dir / "scores.json")],
+                ["--scores", str(tmp_path / "missing.json"), "--num_prune", "1"],
+                ["--prune_blocks", "1", "--scores", str(scores_dir / "scores.json"), "--num_prune", "1"]):
+        with pytest.raises(SystemExit):
+            main(["prune", "--output_dir", str(tmp_path / "x"), *bad])
+    assert not (tmp_path / "x").exists()

@@ -3,6 +3,7 @@
     entprune score --method ced --output_dir scores                  # embedded base and downstream data
     entprune score --pretrained_model_name_or_path facebook/DiT-XL-2-256 --dataset_name D --output_dir OUT
     entprune prune --prune_blocks 0 5 11 --output_dir tiny-pruned   # embedded base, no network needed
+    entprune prune --scores scores/scores.json --num_prune 3 --output_dir tiny-pruned
     entprune prune --pretrained_model_name_or_path facebook/DiT-XL-2-256 --prune_blocks ... --output_dir OUT
 
 ``score`` ranks the blocks of a DiT on a dataset (CED or a baseline metric) and writes ``scores.json`` and
@@ -25,8 +26,12 @@ def _parse_prune_args(argv):
     parser.add_argument("--pretrained_model_name_or_path", default=None,
                         help="DiT pipeline folder or Hub id (default: the embedded tiny digits base).")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--prune_blocks", type=int, nargs="+", required=True,
-                        help="Original indices of the blocks to remove, e.g. `--prune_blocks 0 5 11`.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prune_blocks", type=int, nargs="+",
+                       help="Original indices of the blocks to remove, e.g. `--prune_blocks 0 5 11`.")
+    which.add_argument("--scores", default=None,
+                       help="A scores.json from `entprune score`: remove its `--num_prune` least important blocks.")
+    parser.add_argument("--num_prune", type=int, default=None, help="With --scores: how many blocks to remove.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Replace an existing, non-empty output_dir.")
@@ -38,6 +43,12 @@ def _parse_prune_args(argv):
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if (args.scores is None) != (args.num_prune is None):
+        parser.error("--scores and --num_prune go together.")
+    if args.num_prune is not None and args.num_prune < 1:
+        parser.error("--num_prune must be >= 1.")
+    if args.scores is not None and not os.path.isfile(args.scores):
+        parser.error(f"--scores {args.scores!r} is not a file (expected scores.json from `entprune score`).")
     if args.num_samples_per_row < 0:
         parser.error("--num_samples_per_row must be >= 0.")
     if args.num_inference_steps < 1:
@@ -56,6 +67,15 @@ def prune_command(argv) -> int:
     from .models import EntPrunedTransformer2DModel
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
+    prune_blocks, pruned_by = args.prune_blocks, {"prune_blocks": args.prune_blocks}
+    if args.scores is not None:
+        with open(args.scores) as f:
+            scores = json.load(f)
+        if "ranking" not in scores:
+            raise ValueError(f"`--scores` {args.scores!r} has no `ranking`; pass a scores.json from `entprune score`.")
+        prune_blocks = scores["ranking"][: args.num_prune]
+        pruned_by = {"scores": os.path.abspath(args.scores), "method": scores.get("method"),
+                     "num_prune": args.num_prune}
     source = args.pretrained_model_name_or_path or TINY_DIT_DIR
     transformer = EntPrunedTransformer2DModel.from_pretrained(
         source, subfolder="transformer", revision=args.revision
@@ -69,19 +89,20 @@ def prune_command(argv) -> int:
                  generator=torch.Generator().manual_seed(args.seed)).images
 
     original_images = sample(pipe) if args.num_samples_per_row else []
-    removed = transformer.prune_blocks(args.prune_blocks)
+    removed = transformer.prune_blocks(prune_blocks)
     print(f"removed blocks {removed}; kept {transformer.kept_block_indices} "
           f"({transformer.num_blocks}/{transformer.original_num_layers})")
     save_pruned_pipeline(args.output_dir, transformer, pipe.vae, pipe.scheduler, id2label=id2label,
                          overwrite=args.overwrite_output_dir,
                          dtype=torch.float16 if args.save_fp16 else None,
-                         report={"source": str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits")})
+                         report={"source": str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
+                                 "pruned_by": pruned_by})
 
     # The saved folder must load with plain diffusers and reproduce the in-memory pruned model exactly.
     reloaded = DiTPipeline.from_pretrained(args.output_dir)
     latents = torch.randn(2, transformer.config.in_channels, transformer.config.sample_size,
                           transformer.config.sample_size, generator=torch.Generator().manual_seed(args.seed))
-    t, y = torch.tensor([10, 500]), torch.tensor([labels[0], transformer.null_class_label])
+    t, y = torch.tensor([10, 500]), torch.tensor([labels[0] if labels else 0, transformer.null_class_label])
     with torch.no_grad():
         difference = (reloaded.transformer.eval()(latents, t, y).sample - transformer(latents, t, y).sample).abs().max()
     print("reloaded with DiTPipeline.from_pretrained: max |difference| to the in-memory model = "
