@@ -43,6 +43,10 @@ def test_prune_command_refuses_bad_input_before_loading(tmp_path, source_pipelin
         main(["prune", "--pretrained_model_name_or_path", source_pipeline, "--prune_blocks", *map(str, range(6)),
               "--output_dir", str(tmp_path / "none"), "--num_samples_per_row", "0"])
     assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match="class_labels"):
+        main(["prune", "--pretrained_model_name_or_path", source_pipeline, "--prune_blocks", "1",
+              "--class_labels", "1000", "--output_dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
     with pytest.raises(SystemExit):
         main(["prune", "--prune_blocks", "x", "--output_dir", str(tmp_path / "x")])
 

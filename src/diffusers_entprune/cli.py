@@ -80,9 +80,12 @@ def prune_command(argv) -> int:
     transformer = EntPrunedTransformer2DModel.from_pretrained(
         source, subfolder="transformer", revision=args.revision
     ).eval()
-    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
     id2label = load_id2label(source, revision=args.revision)
     labels = args.class_labels or list(range(args.num_samples_per_row))
+    if any(not 0 <= label < transformer.null_class_label for label in labels):
+        raise ValueError(f"`--class_labels` must lie in 0..{transformer.null_class_label - 1}, got {labels}.")
 
     def sample(p):
         return p(class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
@@ -99,10 +102,11 @@ def prune_command(argv) -> int:
                                  "pruned_by": pruned_by})
 
     # The saved folder must load with plain diffusers and reproduce the in-memory pruned model exactly.
-    reloaded = DiTPipeline.from_pretrained(args.output_dir)
+    reloaded = DiTPipeline.from_pretrained(args.output_dir).to(device)
     latents = torch.randn(2, transformer.config.in_channels, transformer.config.sample_size,
                           transformer.config.sample_size, generator=torch.Generator().manual_seed(args.seed))
     t, y = torch.tensor([10, 500]), torch.tensor([labels[0] if labels else 0, transformer.null_class_label])
+    latents, t, y = latents.to(device), t.to(device), y.to(device)
     with torch.no_grad():
         difference = (reloaded.transformer.eval()(latents, t, y).sample - transformer(latents, t, y).sample).abs().max()
     print("reloaded with DiTPipeline.from_pretrained: max |difference| to the in-memory model = "
