@@ -75,3 +75,13 @@ def test_taylor_is_zero_for_a_block_without_parameters_that_matter():
     result = taylor_scores(m, objective(), data(), N)
     # zero gates: attention and MLP weights get no gradient, the zeroed modulation has w = 0
     assert result.scores[1] == 0.0 and all(s > 0 for k, s in enumerate(result.scores) if k != 1)
+
+
+def test_metrics_refuse_a_model_with_skipped_blocks():
+    from diffusers_entprune.importance import compute_ced
+
+    m = model()
+    m.skip_blocks([2])
+    for metric in (compute_ced, loss_ablation_scores, block_influence_scores, taylor_scores):
+        with pytest.raises(ValueError, match="skipped"):
+            metric(m, objective(), data(), N)

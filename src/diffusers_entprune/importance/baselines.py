@@ -47,6 +47,7 @@ def _loss(model, objective, draw, tokens=None) -> torch.Tensor:
 
 def taylor_scores(model, objective, batches, num_samples: int, seed: int = 0, timestep_range=(0.0, 1.0),
                   progress: bool = False, reduce=None, process_index: int = 0, num_processes: int = 1):
+    """|w * dL/dw| per block for the mean training loss over the draws. Uses (and clears) the model's `.grad`."""
     params = [own_parameters(block) for block in model.transformer_blocks]
     grads = [[torch.zeros_like(p, dtype=torch.float64) for p in ps] for ps in params]
     was_training = model.training

@@ -185,8 +185,6 @@ def compute_ced(
     options = options or CEDOptions()
     if num_samples < 2:
         raise ValueError(f"`num_samples` must be >= 2 to estimate a variance, got {num_samples}.")
-    if model.skipped_block_indices:
-        raise ValueError(f"Blocks {sorted(model.skipped_block_indices)} are skipped; restore them before scoring.")
     device = next(model.parameters()).device
     low, high = options.timestep_range
     buckets_n = int(options.num_timestep_buckets)

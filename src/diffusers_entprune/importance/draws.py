@@ -31,6 +31,8 @@ def fixed_draws(model, objective, batches: Iterable[tuple[torch.Tensor, torch.Te
 
     if num_samples < 1:
         raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
+    if model.skipped_block_indices:  # every metric compares against the full model
+        raise ValueError(f"Blocks {sorted(model.skipped_block_indices)} are skipped; restore them before scoring.")
     device = next(model.parameters()).device
     low, high = timestep_range
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
