@@ -38,6 +38,10 @@ def test_local_parquet_folder_and_imagefolder_load(tmp_path):
     assert len(folder) == 6 and folder.features["label"].names == ["cat", "dog"]
     streamed = next(iter(load_image_dataset(train_data_dir=str(tmp_path / "folder"), streaming=True)))
     assert streamed["image"].size == (24, 24)
+    test_split = load_image_dataset(train_data_dir=os.path.join(DIGITS_DIR, "downstream"), split="test")
+    assert len(test_split) == 180
+    with pytest.raises(ValueError, match="split.*other splits"):
+        load_image_dataset(train_data_dir=os.path.join(DIGITS_DIR, "downstream"), split="validation")
     with pytest.raises(ValueError, match="exactly one"):
         load_image_dataset()
     with pytest.raises(ValueError, match="train_data_dir"):

@@ -30,8 +30,16 @@ def load_image_dataset(dataset_name: str | None = None, train_data_dir: str | No
         parquet = sorted(os.path.join(root, f) for root, _, files in os.walk(train_data_dir)
                          for f in files if f.endswith(".parquet"))
         if parquet:
-            # files or sub-folders named after the split (train.parquet, train/...) are honoured; else all files
-            files = [p for p in parquet if os.path.relpath(p, train_data_dir).startswith(split)] or parquet
+            # files or sub-folders named after splits (train.parquet, test/...) are honoured; else all files
+            def split_of(path):
+                first = os.path.relpath(path, train_data_dir).split(os.sep)[0]
+                return next((s for s in ("train", "test", "validation", split) if first.startswith(s)), None)
+
+            files = [p for p in parquet if split_of(p) == split]
+            if not files and any(split_of(p) for p in parquet):
+                raise ValueError(f"`split`={split!r}: {train_data_dir!r} holds parquet files of other splits only "
+                                 f"({sorted({split_of(p) for p in parquet if split_of(p)})}).")
+            files = files or parquet
             return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
                                 cache_dir=cache_dir)
         return load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming,
