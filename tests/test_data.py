@@ -85,6 +85,13 @@ def test_latents_are_scaled_vae_means_and_the_cache_skips_the_vae(tmp_path):
     assert calls["n"] == encoded, "the second pass must read the cache"
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
     assert len(os.listdir(tmp_path / "cache")) == 1
+    other = make_tiny_vae()
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(1.0)  # same config, different weights: a different cache entry
+        other.encoder.conv_in.bias.add_(1.0)
+    other.register_to_config(scaling_factor=0.5)
+    assert LatentBatches(dataset, other, 16, num_classes=3, cache_dir=str(tmp_path / "cache")).cache_path != \
+        stream.cache_path
 
 
 def test_bad_columns_and_labels_are_refused():

@@ -108,10 +108,14 @@ class LatentBatches:
         self.cache_path = os.path.join(cache_dir, f"latents-{self._cache_key()}.safetensors") if cache_dir else None
 
     def _cache_key(self) -> str:
+        # A map-style dataset has a content fingerprint; a streaming one only its info (name, config, splits).
         fingerprint = getattr(self.dataset, "_fingerprint", None) or repr(getattr(self.dataset, "info", ""))
-        key = json.dumps([fingerprint, dict(self.vae.config), self.resolution, self.latent_sampling, self.seed,
-                          self.image_column, self.label_column], sort_keys=True, default=str)
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([fingerprint, dict(self.vae.config), self.resolution, self.latent_sampling,
+                                         self.seed, self.image_column, self.label_column],
+                                        sort_keys=True, default=str).encode())
+        for parameter in self.vae.parameters():  # two VAEs with one config but different weights must not collide
+            key.update(parameter.detach().float().cpu().numpy().tobytes())
+        return key.hexdigest()[:16]
 
     def _check_labels(self, labels: list) -> torch.Tensor:
         if any(label is None for label in labels):
