@@ -36,6 +36,10 @@ def _parse_prune_args(argv):
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Replace an existing, non-empty output_dir.")
     parser.add_argument("--save_fp16", action="store_true", help="Store weights in float16 (half the size).")
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="Upload the folder to the Hub (log in with `hf auth login` or set HF_TOKEN).")
+    parser.add_argument("--hub_model_id", default=None, help="Repository id (default: the output folder's name).")
+    parser.add_argument("--hub_private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--num_samples_per_row", type=int, default=8, help="Samples per row of the grid (0: none).")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
                         help="Classes to sample (default: the first `num_samples_per_row` classes).")
@@ -64,9 +68,14 @@ def prune_command(argv) -> int:
 
     from .embedded import TINY_DIT_DIR
     from .export import check_output_dir, load_id2label, save_pruned_pipeline
+    from .hub import check_can_push, push_pruned_pipeline
     from .models import EntPrunedTransformer2DModel
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
+    repo_id = None
+    if args.push_to_hub:
+        check_can_push()
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     prune_blocks, pruned_by = args.prune_blocks, {"prune_blocks": args.prune_blocks}
     if args.scores is not None:
         with open(args.scores) as f:
@@ -99,7 +108,7 @@ def prune_command(argv) -> int:
                          overwrite=args.overwrite_output_dir,
                          dtype=torch.float16 if args.save_fp16 else None,
                          report={"source": str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
-                                 "pruned_by": pruned_by})
+                                 "pruned_by": pruned_by}, repo_id=repo_id)
 
     # The saved folder must load with plain diffusers and reproduce the in-memory pruned model exactly.
     reloaded = DiTPipeline.from_pretrained(args.output_dir).to(device)
@@ -121,6 +130,8 @@ def prune_command(argv) -> int:
         print(f"sample grid (top: original, bottom: pruned): {os.path.join(args.output_dir, 'samples.png')}")
     with open(os.path.join(args.output_dir, "entprune_report.json")) as f:
         print(json.dumps({k: v for k, v in json.load(f).items() if k != "entprune_version"}))
+    if args.push_to_hub:
+        print(f"uploaded to {push_pruned_pipeline(args.output_dir, repo_id, private=args.hub_private)}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 The folder holds only diffusers classes (`DiTTransformer2DModel`, `AutoencoderKL`, the scheduler), so
 ``DiTPipeline.from_pretrained(folder)`` works where this package is not installed. Beside ``model_index.json``,
-``entprune_report.json`` records which original blocks were kept. The folder is written under a temporary name
-and renamed into place, so an interrupted save never leaves a half-written folder under ``output_dir``.
+``entprune_report.json`` records which original blocks were kept, and ``README.md`` is a model card. The folder
+is written under a temporary name and renamed into place, so an interrupted save never leaves a half-written
+folder under ``output_dir``.
 """
 
 import contextlib
@@ -17,6 +18,7 @@ import torch
 from diffusers import DiTPipeline, DiTTransformer2DModel
 
 from . import __version__
+from .hub import write_model_card
 from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 
 REPORT_NAME = "entprune_report.json"
@@ -100,6 +102,7 @@ def save_pruned_pipeline(
     report: dict | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    repo_id: str | None = None,
 ) -> str:
     """Save ``transformer`` (pruned or not) with ``vae`` and ``scheduler`` as a `DiTPipeline` folder.
 
@@ -109,6 +112,7 @@ def save_pruned_pipeline(
         report: extra entries for ``entprune_report.json`` (scores, decisions, training settings).
         dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size); the models
             passed in are never cast.
+        repo_id: the Hub repository the folder is meant for, named in its model card (``README.md``).
 
     Returns the output folder.
     """
@@ -128,8 +132,10 @@ def save_pruned_pipeline(
             pipe.register_to_config(id2label={int(k): v for k, v in id2label.items()})
         pipe.save_pretrained(tmp)
         _verify_saved_transformer(tmp, plain.config.num_layers)
+        full_report = pruning_report(transformer, report)
         with open(os.path.join(tmp, REPORT_NAME), "w") as f:
-            json.dump(pruning_report(transformer, report), f, indent=2)
+            json.dump(full_report, f, indent=2)
+        write_model_card(tmp, full_report, repo_id=repo_id)
     return output_dir
 
 

@@ -1,0 +1,86 @@
+"""Model cards and Hub uploads for pruned pipeline folders."""
+
+import os
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+CARD_TEMPLATE = """---
+{card_data}
+---
+
+# {title}
+
+A depth-pruned [DiT](https://huggingface.co/papers/2212.09748) made with diffusers-entprune
+(EntPruner, [arXiv 2511.21122](https://arxiv.org/abs/2511.21122)).
+It is a plain diffusers `DiTPipeline`: nothing beyond diffusers is needed to use it.
+
+```python
+import torch
+from diffusers import DiTPipeline
+
+pipe = DiTPipeline.from_pretrained("{repo_id}")
+images = pipe(class_labels=[0], num_inference_steps=50, guidance_scale=4.0,
+              generator=torch.manual_seed(0)).images
+```
+
+## Pruning
+
+| | |
+|---|---|
+| base model | {base_model} |
+| blocks | {num_layers} of {original_num_layers} kept |
+| kept blocks (original indices) | {kept} |
+| removed blocks | {pruned} |
+| transformer parameters (as saved / with one shared embedder) | {params} / {params_one} |
+| how the blocks were chosen | {pruned_by} |
+
+`entprune_report.json` in this repository holds the full record.
+"""
+
+
+def write_model_card(folder: str, report: dict, repo_id: str | None = None) -> str:
+    """Write ``README.md`` (a model card) into a pruned pipeline folder from its ``entprune_report.json`` data."""
+    base_model = report.get("source")
+    data = ModelCardData(library_name="diffusers",
+                         tags=["diffusers", "DiTPipeline", "entprune", "pruned"],
+                         base_model=base_model if base_model and not base_model.startswith(("embedded:", "/"))
+                         else None)
+    card = ModelCard(CARD_TEMPLATE.format(
+        card_data=data.to_yaml(), title=f"{repo_id or os.path.basename(os.path.abspath(folder))}",
+        repo_id=repo_id or "path/to/this/folder", base_model=base_model or "unknown",
+        num_layers=report["num_layers"], original_num_layers=report["original_num_layers"],
+        kept=report["kept_block_indices"], pruned=report["pruned_block_indices"] or "none",
+        params=f"{report['transformer_parameters'] / 1e6:.2f}M",
+        params_one=f"{report['transformer_parameters_one_embedder'] / 1e6:.2f}M",
+        pruned_by=_describe(report.get("pruned_by"))))
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path
+
+
+def _describe(pruned_by) -> str:
+    if not pruned_by:
+        return "not recorded"
+    if isinstance(pruned_by, dict):
+        return ", ".join(f"{key}: {value}" for key, value in pruned_by.items())
+    return str(pruned_by)
+
+
+def push_pruned_pipeline(folder: str, repo_id: str, token: str | None = None, private: bool = False,
+                         commit_message: str = "Upload depth-pruned DiT pipeline (diffusers-entprune)") -> str:
+    """Create ``repo_id`` if needed and upload the folder. The token is passed to huggingface_hub only, never
+    logged; without one, the login of `hf auth login` is used."""
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ValueError(f"`folder`={folder!r} is not a pipeline folder (no model_index.json).")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
+
+
+def check_can_push(argument: str = "--push_to_hub") -> None:
+    """Fail before any work when the Hub cannot be reached by configuration (offline mode)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"`{argument}` needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop `{argument}`.")
