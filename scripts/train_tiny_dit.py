@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -36,6 +35,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 from diffusers_entprune.classifier import class_fidelity, load_digits_classifier
 from diffusers_entprune.embedded import digits_to_tensors, load_digits_dataset
+from diffusers_entprune.export import staged_output_dir
 from diffusers_entprune.models.initialization import initialize_dit_weights
 from diffusers_entprune.objectives import DiffusionObjective
 
@@ -78,13 +78,10 @@ def untied_copy(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
 
 
 def save_pipeline_atomically(pipe: DiTPipeline, output_dir: str, info: dict):
-    tmp = output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    with open(os.path.join(tmp, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(tmp, output_dir)
+    with staged_output_dir(output_dir) as tmp:
+        pipe.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
 
 
 def main():

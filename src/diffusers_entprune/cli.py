@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from .importance.baselines import BASELINE_METHODS
+
 
 def _parse_prune_args(argv):
     parser = argparse.ArgumentParser(prog="entprune prune", description="Remove DiT blocks and export a pipeline.")
@@ -135,7 +137,7 @@ def prune_command(argv) -> int:
     return 0
 
 
-METHODS = ("ced", "magnitude", "taylor", "block_influence", "loss", "random")
+METHODS = ("ced", *BASELINE_METHODS)
 
 
 def _parse_score_args(argv):

@@ -95,11 +95,6 @@ class GaussianEntropyAccumulator:
     def load_state(self, tensors: list[torch.Tensor]):
         self.sum, self.sum_sq, self.count = tensors
 
-    def merge(self, other: "GaussianEntropyAccumulator"):
-        self.sum += other.sum
-        self.sum_sq += other.sum_sq
-        self.count += other.count
-
     @staticmethod
     def _conditional_entropy(total, total_sq, count, elements_per_feature) -> torch.Tensor:
         """H(Y|C) per variant from sums over (variant, class, feature) cells."""

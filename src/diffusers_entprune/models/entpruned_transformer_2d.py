@@ -103,9 +103,7 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
         with init_empty_weights():
             model = cls.from_config(dict(transformer.config))
         model.load_state_dict(transformer.state_dict(keep_vars=True), strict=True, assign=True)
-        for name, buffer in transformer.named_buffers():
-            module_name, _, buffer_name = name.rpartition(".")
-            setattr(model.get_submodule(module_name) if module_name else model, buffer_name, buffer)
+        _copy_buffers(transformer, model, clone=False)
         model.train(transformer.training)
         model._init_pruning_state(embedder_copies)
         return model
@@ -315,15 +313,21 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
                 state[key] = value.detach().clone()
             seen.add(value.data_ptr())
         plain.load_state_dict(state, strict=True, assign=True)
-        for name, buffer in self.named_buffers():
-            module_name, _, buffer_name = name.rpartition(".")
-            setattr(plain.get_submodule(module_name) if module_name else plain, buffer_name,
-                    buffer if share_weights else buffer.clone())
+        _copy_buffers(self, plain, clone=not share_weights)
         return plain.train(self.training)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as a plain `DiTTransformer2DModel` folder (loadable without this package)."""
         self.to_dit_transformer(share_weights=True).save_pretrained(save_directory, *args, **kwargs)
+
+
+def _copy_buffers(source: nn.Module, target: nn.Module, clone: bool) -> None:
+    """Give ``target`` the buffers of ``source`` (non-persistent ones, such as DiT's positional embedding, are not
+    in the state dict that ``load_state_dict(assign=True)`` transfers)."""
+    for name, buffer in source.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        setattr(target.get_submodule(module_name) if module_name else target, buffer_name,
+                buffer.clone() if clone else buffer)
 
 
 def _check_embedder_policy(embedder_copies: str):
