@@ -35,3 +35,32 @@ def plot_scores(scores: dict, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_stage_scores(stages: list[dict], original_num_layers: int, path: str) -> str:
+    """CED of every block at each pruning stage (one line per stage), the blocks dropped at that stage crossed.
+
+    ``stages`` are the decisions of `AdaptivePruningController` as dicts (``StageDecision.to_dict()``).
+    """
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * original_num_layers + 2), 3.6))
+    colors = plt.get_cmap("viridis")
+    for k, stage in enumerate(stages):
+        scores = {int(b): v for b, v in stage["ced_scores"].items()}
+        if not scores:  # the target was met earlier: nothing ranked at this stage
+            continue
+        blocks = sorted(scores)
+        color = colors(k / max(1, len(stages) - 1))
+        ax.plot(blocks, [scores[b] for b in blocks], "o-", color=color, markersize=4,
+                label=f"stage {stage['stage']} (step {stage['step']}): -{len(stage['pruned_blocks'])}")
+        dropped = [b for b in stage["pruned_blocks"] if b in scores]
+        ax.plot(dropped, [scores[b] for b in dropped], "x", color="tab:red", markersize=10, markeredgewidth=2)
+    ax.set_xticks(range(original_num_layers))
+    ax.set_xlabel("block (original index)")
+    ax.set_ylabel("CED")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_title("CED per block at each pruning stage (red x: dropped at that stage)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
