@@ -128,3 +128,33 @@ def test_shard_batches_matches_global_sample_indices_whatever_the_batch_boundari
     for p in range(3):
         got = torch.cat([x for x, _ in shard_batches(batches, p, 3)]).tolist()
         assert got == list(range(p, 16, 3))
+
+
+def test_shuffled_shard_sampler_resumes_exactly_and_shards_cover_each_epoch():
+    import itertools
+
+    from diffusers_entprune.data import ShuffledShardSampler
+
+    def take(sampler, n):
+        return list(itertools.islice(iter(sampler), n))
+
+    full = take(ShuffledShardSampler(10, seed=3), 35)
+    assert take(ShuffledShardSampler(10, seed=3, start=17), 18) == full[17:]  # resume = same order from there
+    for epoch in range(3):
+        assert sorted(full[10 * epoch: 10 * (epoch + 1)]) == list(range(10))
+    assert full[:10] != full[10:20]  # each epoch reshuffles
+    assert take(ShuffledShardSampler(10, seed=4), 10) != full[:10]
+    shards = [take(ShuffledShardSampler(10, seed=3, process_index=p, num_processes=3), 4) for p in range(3)]
+    assert sorted(shards[0][:4] + shards[1][:3] + shards[2][:3]) == list(range(10))  # epoch 0: disjoint shares
+
+
+def test_pixel_collate_refuses_labels_outside_the_model():
+    from PIL import Image
+
+    from diffusers_entprune.data import PixelCollate
+
+    collate = PixelCollate(16, num_classes=10)
+    pixels, labels = collate([{"image": Image.new("RGB", (20, 20)), "label": 3}])
+    assert pixels.shape == (1, 3, 16, 16) and labels.tolist() == [3]
+    with pytest.raises(ValueError, match=r"label_column.*\[12\].*0\.\.9"):
+        collate([{"image": Image.new("RGB", (20, 20)), "label": 12}])

@@ -82,6 +82,18 @@ def images_to_tensor(images, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def labels_to_tensor(labels: list, label_column: str = "label", num_classes: int | None = None) -> torch.Tensor:
+    """Class labels as int64, refusing missing ones and ones outside ``[0, num_classes)``."""
+    if any(label is None for label in labels):
+        raise ValueError(f"`label_column`={label_column!r} has missing labels.")
+    labels = torch.tensor(labels, dtype=torch.long)
+    if num_classes is not None and ((labels < 0) | (labels >= num_classes)).any():
+        bad = labels[(labels < 0) | (labels >= num_classes)][:5].tolist()
+        raise ValueError(f"`label_column`={label_column!r} holds labels {bad} outside the model's "
+                         f"classes 0..{num_classes - 1}.")
+    return labels
+
+
 class LatentBatches:
     """Iterate (latents, labels) batches of a dataset through a VAE, optionally through an on-disk cache.
 
@@ -118,14 +130,7 @@ class LatentBatches:
         return key.hexdigest()[:16]
 
     def _check_labels(self, labels: list) -> torch.Tensor:
-        if any(label is None for label in labels):
-            raise ValueError(f"`label_column`={self.label_column!r} has missing labels.")
-        labels = torch.tensor(labels, dtype=torch.long)
-        if self.num_classes is not None and ((labels < 0) | (labels >= self.num_classes)).any():
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][:5].tolist()
-            raise ValueError(f"`label_column`={self.label_column!r} holds labels {bad} outside the model's "
-                             f"classes 0..{self.num_classes - 1}.")
-        return labels
+        return labels_to_tensor(labels, self.label_column, self.num_classes)
 
     @torch.no_grad()
     def _encode(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -199,3 +204,71 @@ def shard_batches(batches, process_index: int, num_processes: int) -> Iterator[t
         if first < len(latents):
             yield latents[first::num_processes], labels[first::num_processes]
         offset += len(latents)
+
+
+class ShuffledShardSampler(torch.utils.data.Sampler):
+    """Endless dataset indices for training, exactly reproducible from a position (for resuming).
+
+    Epoch e is a permutation seeded by (seed, e); process p of P takes its positions p, p + P, ... of every epoch.
+    ``start`` skips that many of this process's indices without materialising them, so a resumed run sees the
+    same images in the same order as an uninterrupted one.
+    """
+
+    def __init__(self, dataset_size: int, seed: int = 0, process_index: int = 0, num_processes: int = 1,
+                 start: int = 0):
+        if dataset_size < 1:
+            raise ValueError("The dataset is empty: it has no images to train on.")
+        self.dataset_size, self.seed, self.start = dataset_size, seed, start
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def __iter__(self):
+        per_epoch = len(range(self.process_index, self.dataset_size, self.num_processes))
+        if per_epoch == 0:
+            raise ValueError(f"The dataset has {self.dataset_size} images, fewer than the {self.num_processes} "
+                             "processes; every process needs at least one.")
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch])
+                                                          .generate_state(1)[0]))
+            order = torch.randperm(self.dataset_size, generator=generator)[self.process_index::self.num_processes]
+            yield from order[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class PixelCollate:
+    """Examples -> (images in [-1, 1] at ``resolution`` with DiT's crop, int64 labels); picklable for workers."""
+
+    def __init__(self, resolution: int, image_column: str = "image", label_column: str = "label",
+                 num_classes: int | None = None):
+        self.resolution, self.image_column, self.label_column = resolution, image_column, label_column
+        self.num_classes = num_classes
+
+    def __call__(self, examples):
+        pixels = images_to_tensor([e[self.image_column] for e in examples], self.resolution)
+        return pixels, labels_to_tensor([e[self.label_column] for e in examples], self.label_column,
+                                        self.num_classes)
+
+
+def training_dataloader(dataset, collate: PixelCollate, batch_size: int, seed: int = 0, process_index: int = 0,
+                        num_processes: int = 1, skip_samples: int = 0, num_workers: int = 0,
+                        shuffle_buffer_size: int = 1000):
+    """An endless loader of this process's training batches, starting after ``skip_samples`` of its samples.
+
+    A map-style dataset is shuffled by `ShuffledShardSampler`; a streaming one is split between processes, shuffled
+    with a buffer and repeated, and a resumed run reads past the samples already seen (streams cannot seek).
+    """
+    from datasets import IterableDataset
+    from datasets.distributed import split_dataset_by_node
+
+    # A DataLoader draws its workers' base seed from the global RNG when it starts iterating unless it has its own
+    # generator; that draw would shift every later random number of a resumed run.
+    generator = torch.Generator().manual_seed(seed + process_index)
+    if isinstance(dataset, IterableDataset):
+        stream = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size).repeat(None).skip(skip_samples)
+        return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate,
+                                           num_workers=min(num_workers, stream.num_shards), generator=generator)
+    sampler = ShuffledShardSampler(len(dataset), seed, process_index, num_processes, start=skip_samples)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, persistent_workers=num_workers > 0,
+                                       generator=generator)
