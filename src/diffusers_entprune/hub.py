@@ -67,14 +67,17 @@ def _describe(pruned_by) -> str:
 
 
 def push_pruned_pipeline(folder: str, repo_id: str, token: str | None = None, private: bool = False,
-                         commit_message: str = "Upload depth-pruned DiT pipeline (diffusers-entprune)") -> str:
-    """Create ``repo_id`` if needed and upload the folder. The token is passed to huggingface_hub only, never
-    logged; without one, the login of `hf auth login` is used."""
+                         commit_message: str = "Upload depth-pruned DiT pipeline (diffusers-entprune)",
+                         ignore_patterns: list[str] | None = None) -> str:
+    """Create ``repo_id`` if needed and upload the folder (less ``ignore_patterns``, e.g. training checkpoints).
+    The token is passed to huggingface_hub only, never logged; without one, the login of `hf auth login` is
+    used."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ValueError(f"`folder`={folder!r} is not a pipeline folder (no model_index.json).")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message,
+                               ignore_patterns=ignore_patterns)
     return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 

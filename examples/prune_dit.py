@@ -1,0 +1,641 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained DiT on a downstream dataset while pruning whole transformer blocks (EntPruner).
+
+    # the embedded default: tiny digits DiT and the bundled downstream digits, a few minutes on a laptop CPU
+    accelerate launch examples/prune_dit.py
+
+    # the real thing
+    accelerate launch examples/prune_dit.py \
+      --pretrained_model_name_or_path facebook/DiT-XL-2-256 --dataset_name <a Hub or local dataset> \
+      --target_prune_ratio 0.5 --max_train_steps 100000 --train_batch_size 32 --mixed_precision bf16 \
+      --use_ema --checkpointing_steps 5000 --output_dir dit-xl-pruned --push_to_hub
+
+Training runs in ``--pruning_stages`` stages spread over the first ``--pruning_steps`` steps. At each stage boundary
+the remaining blocks are ranked by Conditional Entropy Deviation (CED) on a fixed pool of training images; the
+candidates "drop the m lowest-CED blocks" (m = 0 included) are scored by two zero-shot proxies (NTK condition number
+and ZiCo); the chosen blocks leave the model, its optimizer state and its EMA, and fine-tuning continues on the
+smaller model. The last stage always meets ``--target_prune_ratio``. ``--pruning_mode fixed`` and ``one_shot`` are
+the schedules to compare against.
+
+The output folder is a plain `DiTPipeline` (EMA weights with ``--use_ema``) that diffusers loads without this
+package, with ``entprune_report.json`` (every decision, the CED scores, the measured sampling speedup), ``ced.png``,
+``samples.png`` (original vs pruned, same seeds), validation grids, a model card, and the ``checkpoint-*`` folders
+that ``--resume_from_checkpoint latest`` continues from (same architecture, same schedule).
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers import DiTPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusers_entprune.controller import PRUNING_MODES, AdaptivePruningController, decision_steps, resolve_target
+from diffusers_entprune.data import (
+    LatentBatches,
+    PixelCollate,
+    check_columns,
+    load_image_dataset,
+    repeat_batches,
+    shard_batches,
+    training_dataloader,
+    vae_scale_factor,
+)
+from diffusers_entprune.embedded import TINY_DIT_DIR, load_digits_dataset
+from diffusers_entprune.export import load_id2label, save_pruned_pipeline
+from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
+from diffusers_entprune.importance import CEDOptions, compute_ced
+from diffusers_entprune.lora import add_lora, merge_lora
+from diffusers_entprune.models import EntPrunedTransformer2DModel
+from diffusers_entprune.objectives import DiffusionObjective
+from diffusers_entprune.plotting import plot_stage_scores
+from diffusers_entprune.proxies import score_candidates
+from diffusers_entprune.speed import compare_sampling_speed
+from diffusers_entprune.training_state import prune_training_state, reprepare_model
+
+logger = get_logger(__name__)
+
+STATE_NAME = "entprune_state.json"  # pruning state saved in every checkpoint folder
+EMBEDDED = "embedded:tiny-dit-digits"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default=None,
+                       help="DiT pipeline folder or Hub id, e.g. facebook/DiT-XL-2-256 (default: the embedded tiny "
+                            "digits DiT).")
+    model.add_argument("--revision", default=None)
+
+    data = parser.add_argument_group("data (default: the embedded downstream digits)")
+    data.add_argument("--dataset_name", default=None, help="A Hub dataset id or a path `datasets` can load.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_data_dir", default=None, help="An imagefolder or a folder of parquet files.")
+    data.add_argument("--split", default="train")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--label_column", default="label")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Image size (default: the model's sample_size times the VAE's downsampling).")
+    data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="With --streaming.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only.")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (DiT does).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--cache_dir", default=None, help="`datasets` cache folder.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="dit-pruned")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start afresh in a non-empty output_dir (its old checkpoints are removed).")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
+    train.add_argument("--max_train_steps", type=int, default=800)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="DiT's fine-tuning rate.")
+    train.add_argument("--lr_scheduler", default="constant",
+                       help='"constant", "constant_with_warmup", "linear", "cosine", ... (diffusers names).')
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--class_dropout_prob", type=float, default=0.1,
+                       help="Classifier-free guidance: replace a sample's label by the null class this often.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Default: accelerate's config.")
+    train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and export it.")
+    train.add_argument("--ema_decay", type=float, default=0.9999)
+    train.add_argument("--use_lora", action="store_true",
+                       help="Fine-tune LoRA adapters of the kept blocks only (merged before export).")
+    train.add_argument("--lora_rank", type=int, default=16)
+    train.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank.")
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help='A checkpoint folder, or "latest" (the newest in output_dir; none there: start afresh).')
+    train.add_argument("--report_to", default=None, help='"tensorboard", "wandb", "all" (default: no tracker).')
+    train.add_argument("--logging_dir", default="logs")
+    train.add_argument("--validation_steps", type=int, default=200,
+                       help="Save a grid of samples every N steps (0: never).")
+    train.add_argument("--validation_class_labels", type=int, nargs="+", default=None,
+                       help="Classes of the validation grid (default: the first 8).")
+    train.add_argument("--guidance_scale", type=float, default=4.0)
+    train.add_argument("--num_inference_steps", type=int, default=50)
+
+    prune = parser.add_argument_group("pruning")
+    target = prune.add_mutually_exclusive_group()
+    target.add_argument("--target_prune_ratio", type=float, default=None,
+                        help="Fraction of the blocks to remove (default 0.5).")
+    target.add_argument("--target_num_blocks", type=int, default=None, help="Number of blocks to remove.")
+    prune.add_argument("--pruning_mode", choices=PRUNING_MODES, default="adaptive",
+                       help="adaptive: zero-shot proxies decide how many blocks each stage drops; fixed: equal "
+                            "amounts per stage; one_shot: everything at step 0.")
+    prune.add_argument("--pruning_stages", type=int, default=4)
+    prune.add_argument("--pruning_steps", type=int, default=None,
+                       help="Stage boundaries are spread over the first N steps (default: half of max_train_steps).")
+    prune.add_argument("--rank_once", action="store_true",
+                       help="Rank the blocks by CED once at the start instead of at every stage.")
+    prune.add_argument("--ced_num_samples", type=int, default=1024, help="Fixed (x0, t, noise) draws for CED.")
+    prune.add_argument("--ced_batch_size", type=int, default=64)
+    prune.add_argument("--ced_variance", choices=["scalar", "channel", "diag"], default="channel")
+    prune.add_argument("--proxy_batch_size", type=int, default=8,
+                       help="Samples in the NTK batch and in each ZiCo batch (NTK memory: this many gradients).")
+    prune.add_argument("--zico_num_batches", type=int, default=2)
+    prune.add_argument("--zico_reduction", choices=["sum", "mean"], default="mean",
+                       help="Combine ZiCo's layers by sum (its definition; favours deeper candidates) or mean.")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--save_fp16", action="store_true", help="Store the exported weights in float16.")
+    out.add_argument("--speed_batch_size", type=int, default=8,
+                     help="Class labels per call when timing the original against the pruned pipeline (0: skip).")
+    out.add_argument("--speed_repeats", type=int, default=3)
+    out.add_argument("--push_to_hub", action="store_true")
+    out.add_argument("--hub_model_id", default=None, help="Default: the output folder's name.")
+    out.add_argument("--hub_token", default=None, help="Default: the login of `hf auth login` / HF_TOKEN.")
+    out.add_argument("--hub_private", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.target_prune_ratio is None and args.target_num_blocks is None:
+        args.target_prune_ratio = 0.5
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        parser.error("Pass at most one of --dataset_name and --train_data_dir.")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "ced_batch_size",
+                 "zico_num_batches", "speed_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.proxy_batch_size < 2:
+        parser.error("--proxy_batch_size must be >= 2 (the NTK of one sample has no condition number).")
+    if args.ced_num_samples < 2:
+        parser.error("--ced_num_samples must be >= 2.")
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be >= 1.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1.")
+    if args.pruning_steps is None:
+        args.pruning_steps = max(1, args.max_train_steps // 2)
+    if args.pruning_steps > args.max_train_steps:
+        parser.error(f"--pruning_steps {args.pruning_steps} exceeds --max_train_steps {args.max_train_steps}.")
+    if not 0.0 <= args.class_dropout_prob < 1.0:
+        parser.error("--class_dropout_prob must lie in [0, 1).")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints in ``output_dir``, oldest first (a checkpoint is renamed into place when complete)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
+
+
+def resolve_resume_path(args) -> str | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        return found[-1] if found else None
+    path = args.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(path, STATE_NAME)):
+        raise ValueError(f"`--resume_from_checkpoint`={path!r} is not a checkpoint of this script (no {STATE_NAME} "
+                         f"in it). Pass a `checkpoint-N` folder from a previous run's output_dir, or 'latest'.")
+    return path
+
+
+def check_output_dir_for_fresh_run(args) -> None:
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"`--output_dir`={args.output_dir!r} is a file; pass a folder.")
+    if not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
+        return
+    if not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"`--output_dir`={args.output_dir!r} already holds files. Continue that run with "
+            "`--resume_from_checkpoint latest`, choose another folder, or pass `--overwrite_output_dir`.")
+    for path in list_checkpoints(args.output_dir):  # stale checkpoints would be picked up by "latest"
+        shutil.rmtree(path)
+
+
+def save_checkpoint(accelerator, args, global_step: int, controller, stage_times: list) -> str:
+    """`accelerator.save_state` into a temporary folder, add the pruning state, rename into place, then apply
+    `--checkpoints_total_limit` (old checkpoints go only once the new one is complete)."""
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    staging = os.path.join(args.output_dir, f".checkpoint-{global_step}.tmp")
+    if accelerator.is_main_process and os.path.exists(staging):
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)  # every process writes its RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(staging, STATE_NAME), "w") as f:
+            json.dump({"global_step": global_step, "controller": controller.state_dict(),
+                       "stage_times": stage_times}, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def make_grid(images, rows: int):
+    from PIL import Image
+
+    cols = math.ceil(len(images) / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+@torch.no_grad()
+def sample_images(transformer, vae, scheduler, class_labels, args):
+    was_training = transformer.training
+    transformer.eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=class_labels, num_inference_steps=args.num_inference_steps,
+                  guidance_scale=args.guidance_scale, generator=torch.manual_seed(args.seed)).images
+    transformer.train(was_training)
+    return images
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_ced_pool(dataset, vae, resolution, args, num_classes):
+    """A fixed pool of clean latents (VAE means) from the first images of the training data, used for CED and
+    the proxies at every stage (the same draws each time, so the stages are comparable)."""
+    from datasets import IterableDataset
+
+    needed = max(args.ced_num_samples, args.proxy_batch_size * (1 + args.zico_num_batches))
+    subset = dataset.take(needed) if isinstance(dataset, IterableDataset) else \
+        dataset.select(range(min(needed, len(dataset))))
+    stream = LatentBatches(subset, vae, resolution, args.ced_batch_size, args.image_column, args.label_column,
+                           num_classes=num_classes, latent_sampling="mean")
+    batches = list(repeat_batches(stream, needed))  # a small dataset is met again with fresh noise draws
+    latents, labels = torch.cat([b[0] for b in batches])[:needed], torch.cat([b[1] for b in batches])[:needed]
+    return latents, labels
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.push_to_hub:
+        check_can_push()
+    resume_path = resolve_resume_path(args)
+    if resume_path is None:
+        check_output_dir_for_fresh_run(args)  # before any heavy work
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed, device_specific=True)  # each process draws its own noise and label dropout
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # ---- model, data, objective
+    source = args.pretrained_model_name_or_path or TINY_DIT_DIR
+    source_name = args.pretrained_model_name_or_path or EMBEDDED
+    transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
+    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision)
+    vae, scheduler = pipe.vae.to(device, dtype=weight_dtype).eval(), pipe.scheduler
+    vae.requires_grad_(False)
+    id2label = load_id2label(source, revision=args.revision)
+    num_classes = transformer.config.num_embeds_ada_norm
+    objective = DiffusionObjective.from_scheduler(
+        scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
+    resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(vae)
+    if resolution != transformer.config.sample_size * vae_scale_factor(vae):
+        raise ValueError(f"`--resolution`={resolution} does not match the model: its latents are "
+                         f"{transformer.config.sample_size} wide, i.e. "
+                         f"{transformer.config.sample_size * vae_scale_factor(vae)} px. Drop `--resolution`.")
+
+    if args.dataset_name is None and args.train_data_dir is None:
+        dataset, dataset_name = load_digits_dataset("downstream", split=args.split, streaming=args.streaming), \
+            "embedded:digits/downstream"
+    else:
+        dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.dataset_config_name,
+                                     streaming=args.streaming, cache_dir=args.cache_dir)
+        dataset_name = args.dataset_name or args.train_data_dir
+    check_columns(dataset, args.image_column, args.label_column, num_classes)
+    if args.max_train_samples is not None:
+        dataset = dataset.take(args.max_train_samples) if args.streaming else \
+            dataset.select(range(min(args.max_train_samples, len(dataset))))
+
+    # ---- the pruning schedule, and the state of an interrupted run
+    num_to_prune = resolve_target(transformer.original_num_layers, args.target_prune_ratio, args.target_num_blocks)
+    controller = AdaptivePruningController(
+        transformer.original_num_layers, num_to_prune,
+        decision_steps(args.pruning_stages, args.pruning_steps, args.pruning_mode), args.pruning_mode,
+        rank_once=args.rank_once)
+    global_step, stage_times = 0, []
+    if resume_path is not None:
+        with open(os.path.join(resume_path, STATE_NAME)) as f:
+            saved = json.load(f)
+        controller.load_state_dict(saved["controller"])
+        global_step, stage_times = saved["global_step"], saved["stage_times"]
+        if controller.pruned_blocks:  # the same architecture before the weights are loaded
+            transformer.prune_blocks(controller.pruned_blocks)
+        logger.info(f"Resuming from {resume_path} at step {global_step} with blocks {transformer.kept_block_indices}")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info(f"No checkpoint in {args.output_dir}; starting a new run.")
+
+    if args.use_lora:
+        add_lora(transformer, args.lora_rank, args.lora_alpha)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    optimizer = torch.optim.AdamW(trainable_parameters(transformer), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                  eps=args.adam_epsilon)
+    # the prepared scheduler steps once per process per optimizer step (as in diffusers' training scripts)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(transformer.parameters(), decay=args.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if resume_path is not None:
+        accelerator.load_state(resume_path)
+    if ema is not None:
+        ema.to(device)
+
+    # ---- data streams: training batches (exactly resumable) and the fixed pool for CED and the proxies
+    collate = PixelCollate(resolution, args.image_column, args.label_column, num_classes)
+    micro_batches_done = global_step * args.gradient_accumulation_steps
+    loader = training_dataloader(dataset, collate, args.train_batch_size, args.seed, accelerator.process_index,
+                                 accelerator.num_processes, skip_samples=micro_batches_done * args.train_batch_size,
+                                 num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
+    pool_latents, pool_labels = None, None
+    if not controller.finished:
+        pool_latents, pool_labels = build_ced_pool(dataset, vae, resolution, args, num_classes)
+    ced_options = CEDOptions(variance=args.ced_variance)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("entprune-dit", config=tracker_config)
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Pruning {source_name} on {dataset_name}: {transformer.original_num_layers} blocks -> "
+                f"{transformer.original_num_layers - num_to_prune}, {args.pruning_mode} schedule, decisions at steps "
+                f"{controller.steps}; {args.max_train_steps} steps of {total_batch} images *****")
+
+    def run_pruning_stage(model):
+        """Rank, score candidates, decide (on the main process, broadcast), and prune model, optimizer and EMA."""
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        ced_scores = None
+        if controller.needs_ced():
+            def sum_over_processes(tensor):
+                return accelerator.reduce(tensor.to(device), "sum").cpu() if accelerator.num_processes > 1 \
+                    else tensor
+
+            pool = shard_batches(zip(pool_latents.split(args.ced_batch_size), pool_labels.split(args.ced_batch_size)),
+                                 accelerator.process_index, accelerator.num_processes)
+            result = compute_ced(unwrapped, objective, pool, args.ced_num_samples, ced_options, seed=args.seed,
+                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                                 reduce=sum_over_processes, progress=accelerator.is_local_main_process)
+            ced_scores = dict(zip(result.block_indices, result.scores))
+        state = [None]
+        if accelerator.is_main_process:
+            b = args.proxy_batch_size
+            ntk_batch = (pool_latents[:b].to(device), pool_labels[:b].to(device))
+            zico_batches = [(pool_latents[b * (i + 1): b * (i + 2)].to(device),
+                             pool_labels[b * (i + 1): b * (i + 2)].to(device)) for i in range(args.zico_num_batches)]
+
+            def proxy_fn(candidates):
+                scored = score_candidates(unwrapped, objective, candidates, ntk_batch, zico_batches, seed=args.seed,
+                                          zico_reduction=args.zico_reduction, progress=True)
+                return [(s.ntk_condition_number, s.zico) for s in scored]
+
+            controller.decide(global_step, ced_scores, proxy_fn)
+            state = [controller.state_dict()]
+        if accelerator.num_processes > 1:  # one decision for all: GPU arithmetic need not agree bit for bit
+            broadcast_object_list(state)
+            controller.load_state_dict(state[0])
+        decision = controller.decisions[-1]
+        if decision.pruned_blocks:
+            prune_training_state(unwrapped, decision.pruned_blocks, optimizer, ema)
+            model = reprepare_model(accelerator, model, unwrapped)
+        unwrapped.train()
+        summary = ", ".join(f"m={c.num_blocks}: kappa={c.ntk_condition_number:.3g} zico={c.zico:.4g} "
+                            f"score={c.combined:.3f}" for c in decision.candidates if c.combined is not None)
+        logger.info(f"Stage {decision.stage} at step {global_step}: dropped {decision.pruned_blocks or 'nothing'} "
+                    f"-> {decision.num_blocks_after} blocks ({summary or 'no choice to make'})")
+        accelerator.log({"pruning/num_blocks": decision.num_blocks_after, "pruning/stage": decision.stage,
+                         "pruning/dropped": len(decision.pruned_blocks)}, step=global_step)
+        return model
+
+    # ---- training
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    data_iter = iter(loader)
+    step_start = time.perf_counter()
+    current_stage_times: list[float] = []
+
+    def close_stage_timing():
+        if current_stage_times:  # skip the first steps after a change (warm-up, allocator)
+            settled = current_stage_times[min(3, len(current_stage_times) - 1):]
+            stage_times.append({"num_blocks": accelerator.unwrap_model(model).num_blocks,
+                                "steps": len(current_stage_times),
+                                "median_step_seconds": sorted(settled)[len(settled) // 2]})
+            current_stage_times.clear()
+
+    while global_step < args.max_train_steps:
+        if controller.is_decision_step(global_step):
+            close_stage_timing()
+            model = run_pruning_stage(model)
+        losses = []
+        for _ in range(args.gradient_accumulation_steps):
+            pixels, labels = next(data_iter)
+            pixels, labels = pixels.to(device, dtype=weight_dtype), labels.to(device)
+            if args.random_flip:
+                flip = torch.rand(len(pixels), device=device) < 0.5
+                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            with accelerator.accumulate(model):
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                latents = latents.float()
+                labels = accelerator.unwrap_model(model).drop_class_labels(labels, args.class_dropout_prob)
+                timesteps = objective.sample_timesteps(len(latents), device=device)
+                noised = objective.add_noise(latents, torch.randn_like(latents), timesteps)
+                output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
+                loss = objective.loss(output.float(), latents, noised).mean()
+                # every process learns of a non-finite loss, so none is left waiting in a gradient all-reduce
+                finite = bool((accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)) == 1).all())
+                if not finite:
+                    found = list_checkpoints(args.output_dir)
+                    last_good = found[-1] if found else "none (no checkpoint was saved yet)"
+                    raise RuntimeError(
+                        f"The training loss is {loss.item()} at step {global_step}: training diverged. Nothing was "
+                        f"saved after it; the last good checkpoint is {last_good}. Resume from it with a lower "
+                        f"`--learning_rate` (now {args.learning_rate}) or `--max_grad_norm`, or use "
+                        "`--mixed_precision bf16` instead of fp16.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable_parameters(model), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().item())
+
+        if accelerator.sync_gradients:
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            global_step += 1
+            progress.update(1)
+            now = time.perf_counter()
+            current_stage_times.append(now - step_start)
+            step_start = now
+            logs = {"loss": sum(losses) / len(losses), "lr": lr_scheduler.get_last_lr()[0],
+                    "num_blocks": accelerator.unwrap_model(model).num_blocks}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, controller, stage_times)
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                log_validation(accelerator, model, vae, scheduler, ema, args, global_step)
+            step_start = time.perf_counter()  # checkpoints and validation are not training time
+    close_stage_timing()
+    progress.close()
+
+    # ---- export: EMA weights, LoRA merged, a plain DiTPipeline folder beside the checkpoints
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        if args.use_lora:
+            merge_lora(final)
+        final.eval()
+        export(args, final, vae, scheduler, id2label, controller, stage_times, source, source_name, dataset_name,
+               device)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def log_validation(accelerator, model, vae, scheduler, ema, args, global_step):
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:  # sample with the EMA weights, then put the training weights back
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
+    labels = args.validation_class_labels or list(range(min(8, unwrapped.config.num_embeds_ada_norm)))
+    images = sample_images(unwrapped, vae, scheduler, labels, args)
+    if ema is not None:
+        ema.restore(unwrapped.parameters())
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid = make_grid(images, rows=1)
+    grid.save(os.path.join(folder, f"step-{global_step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), global_step,
+                                      dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(i, caption=str(c)) for i, c in zip(images, labels)]})
+
+
+def export(args, transformer, vae, scheduler, id2label, controller, stage_times, source, source_name, dataset_name,
+           device):
+    """Write the pipeline folder into output_dir (staged, then moved in; model_index.json last), the report,
+    ced.png and samples.png, and push it if asked."""
+    vae = vae.float()
+    original = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer",
+                                                           revision=args.revision).to(device).eval()
+    labels = args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
+    report = {
+        "source": source_name, "dataset": dataset_name, "pruning_mode": args.pruning_mode,
+        "pruned_by": {"method": f"EntPruner ({args.pruning_mode} schedule, CED ranking)",
+                      "stages": len(controller.decisions), "train_steps": args.max_train_steps,
+                      "dataset": dataset_name},
+        "kept_blocks": list(transformer.kept_block_indices),
+        "stages": [d.to_dict() for d in controller.decisions],
+        "train_step_seconds_by_stage": stage_times,
+        "training": {k: getattr(args, k) for k in ("max_train_steps", "train_batch_size", "learning_rate",
+                                                   "lr_scheduler", "use_ema", "use_lora", "mixed_precision",
+                                                   "class_dropout_prob", "seed", "pruning_stages", "pruning_steps",
+                                                   "rank_once", "ced_num_samples", "ced_variance",
+                                                   "proxy_batch_size", "zico_num_batches", "zico_reduction")},
+    }
+    if args.speed_batch_size:
+        original_pipe = DiTPipeline(transformer=original, vae=vae, scheduler=scheduler)
+        pruned_pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+        for p in (original_pipe, pruned_pipe):
+            p.set_progress_bar_config(disable=True)
+        speed_labels = [labels[i % len(labels)] for i in range(args.speed_batch_size)]
+        report["sampling_speed"] = compare_sampling_speed(
+            original_pipe, pruned_pipe, speed_labels, args.num_inference_steps, args.guidance_scale,
+            repeats=args.speed_repeats)
+        logger.info(f"Sampling speedup {report['sampling_speed']['speedup']:.2f}x "
+                    f"(FLOPs ratio {report['sampling_speed']['flops_ratio']:.2f}x)")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=args.output_dir)
+    try:
+        folder = os.path.join(staging, "pipeline")
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        save_pruned_pipeline(folder, transformer, vae, scheduler, id2label=id2label, report=report,
+                             dtype=torch.float16 if args.save_fp16 else None,
+                             repo_id=repo_id if args.push_to_hub else None)
+        plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
+        before = sample_images(original, vae, scheduler, labels, args)
+        after = sample_images(transformer, vae, scheduler, labels, args)
+        make_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))
+        names = sorted(os.listdir(folder), key=lambda n: n == "model_index.json")  # the index goes in last
+        for name in names:
+            target = os.path.join(args.output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(folder, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info(f"Saved the pruned pipeline ({len(transformer.kept_block_indices)} of "
+                f"{transformer.original_num_layers} blocks: {transformer.kept_block_indices}) to {args.output_dir}")
+    if args.push_to_hub:
+        url = push_pruned_pipeline(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private,
+                                   ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*",
+                                                    ".export-*"])
+        logger.info(f"Uploaded to {url}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Measured sampling speed of a pruned pipeline against its original, and the FLOPs ratio that bounds it.
+
+Depth pruning removes transformer blocks only: the patch embedding, the final layer and the VAE decode remain, so
+the FLOPs ratio of one transformer forward is the physical limit of the speedup. Timings interleave the two
+pipelines in every repeat, so drifting machine load hits both alike, and report medians.
+"""
+
+import statistics
+import time
+
+import torch
+
+
+@torch.no_grad()
+def transformer_flops(transformer, batch_size: int = 1) -> int:
+    """FLOPs of one forward of ``transformer`` on ``batch_size`` latents (counted by torch, not estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = transformer.config
+    device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
+    latents = torch.zeros(batch_size, config.in_channels, config.sample_size, config.sample_size, device=device,
+                          dtype=dtype)
+    timesteps = torch.full((batch_size,), 500, device=device, dtype=torch.long)
+    labels = torch.zeros(batch_size, device=device, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        transformer(latents, timestep=timesteps, class_labels=labels)
+    return int(counter.get_total_flops())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def compare_sampling_speed(original_pipe, pruned_pipe, class_labels: list[int], num_inference_steps: int = 50,
+                           guidance_scale: float = 4.0, repeats: int = 3, warmup: int = 1) -> dict:
+    """Time full `DiTPipeline` calls (guidance doubles the batch; VAE decode included) of both pipelines.
+
+    Returns seconds per call (median), the speedup original / pruned, and the FLOPs ratio of one transformer
+    forward at the batch the pipeline runs (twice the labels with guidance).
+    """
+    device = original_pipe.transformer.device
+
+    def run(pipe):
+        _synchronize(device)
+        start = time.perf_counter()
+        pipe(class_labels=class_labels, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+             generator=torch.manual_seed(0), output_type="np")
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        run(original_pipe), run(pruned_pipe)
+    times = {"original": [], "pruned": []}
+    for _ in range(repeats):
+        times["original"].append(run(original_pipe))
+        times["pruned"].append(run(pruned_pipe))
+    original, pruned = statistics.median(times["original"]), statistics.median(times["pruned"])
+    forward_batch = len(class_labels) * (2 if guidance_scale > 1 else 1)
+    flops_original = transformer_flops(original_pipe.transformer, forward_batch)
+    flops_pruned = transformer_flops(pruned_pipe.transformer, forward_batch)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
+                                                                                    "threads)",
+        "batch_size": len(class_labels), "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale, "repeats": repeats,
+        "original_seconds": original, "pruned_seconds": pruned, "speedup": original / pruned,
+        "flops_original": flops_original, "flops_pruned": flops_pruned, "flops_ratio": flops_original / flops_pruned,
+    }
