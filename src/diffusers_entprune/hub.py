@@ -34,14 +34,63 @@ images = pipe(class_labels=[0], num_inference_steps=50, guidance_scale=4.0,
 | transformer parameters (as saved / with one shared embedder) | {params} / {params_one} |
 | how the blocks were chosen | {pruned_by} |
 
+{training}
+## Licence
+
+{licence}
+
 `entprune_report.json` in this repository holds the full record.
 """
+
+# Licences of well-known bases; any other base's own licence applies and is named as such.
+KNOWN_LICENCES = {"facebook/DiT-": "cc-by-nc-4.0"}
+
+
+def _licence(base_model: str | None) -> tuple[str | None, str]:
+    for prefix, licence in KNOWN_LICENCES.items():
+        if base_model and base_model.startswith(prefix):
+            return licence, (f"A derivative of `{base_model}`, released under its licence ({licence}: "
+                             "non-commercial use only).")
+    if base_model and base_model.startswith("embedded:"):
+        return "apache-2.0", "The embedded tiny base of diffusers-entprune (Apache-2.0)."
+    return None, (f"A derivative of `{base_model or 'an unrecorded base model'}`: the base model's licence applies; "
+                  "check it before use or redistribution.")
+
+
+def _training_section(report: dict) -> str:
+    """Stage decisions and measured speed, when the folder comes from `examples/prune_dit.py`."""
+    lines = []
+    stages = report.get("stages")
+    if stages:
+        lines += ["## How it was pruned", "",
+                  f"Fine-tuned for {report.get('training', {}).get('max_train_steps', '?')} steps on "
+                  f"`{report.get('dataset', '?')}` while pruning in {len(stages)} stages "
+                  f"({report.get('pruning_mode', '?')} schedule):", "",
+                  "| stage | step | blocks dropped (original indices) | blocks after "
+                  "| candidates (m: NTK kappa / ZiCo) |",
+                  "|---|---|---|---|---|"]
+        for stage in stages:
+            scored = [c for c in stage["candidates"] if c.get("combined") is not None]
+            candidates = ", ".join(f"{c['num_blocks']}: {c['ntk_condition_number']:.3g} / {c['zico']:.4g}"
+                                   for c in scored) or "no choice"
+            lines.append(f"| {stage['stage']} | {stage['step']} | {stage['pruned_blocks'] or 'none'} | "
+                         f"{stage['num_blocks_after']} | {candidates} |")
+        lines.append("")
+    speed = report.get("sampling_speed")
+    if speed:
+        lines += ["## Measured speed", "",
+                  f"Sampling {speed['batch_size']} images with {speed['num_inference_steps']} steps (guidance "
+                  f"{speed['guidance_scale']}) on {speed['device']}: {speed['original_seconds']:.3g} s for the "
+                  f"original, {speed['pruned_seconds']:.3g} s pruned, a {speed['speedup']:.2f}x speedup (the FLOPs "
+                  f"ratio of one transformer forward, its limit, is {speed['flops_ratio']:.2f}x).", ""]
+    return "\n".join(lines)
 
 
 def write_model_card(folder: str, report: dict, repo_id: str | None = None) -> str:
     """Write ``README.md`` (a model card) into a pruned pipeline folder from its ``entprune_report.json`` data."""
     base_model = report.get("source")
-    data = ModelCardData(library_name="diffusers",
+    licence, licence_text = _licence(base_model)
+    data = ModelCardData(library_name="diffusers", license=licence,
                          tags=["diffusers", "DiTPipeline", "entprune", "pruned"],
                          base_model=base_model if base_model and not base_model.startswith(("embedded:", "/"))
                          else None)
@@ -52,7 +101,7 @@ def write_model_card(folder: str, report: dict, repo_id: str | None = None) -> s
         kept=report["kept_block_indices"], pruned=report["pruned_block_indices"] or "none",
         params=f"{report['transformer_parameters'] / 1e6:.2f}M",
         params_one=f"{report['transformer_parameters_one_embedder'] / 1e6:.2f}M",
-        pruned_by=_describe(report.get("pruned_by"))))
+        pruned_by=_describe(report.get("pruned_by")), training=_training_section(report), licence=licence_text))
     path = os.path.join(folder, "README.md")
     card.save(path)
     return path
