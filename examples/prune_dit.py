@@ -142,6 +142,9 @@ def parse_args(argv=None):
     target.add_argument("--target_prune_ratio", type=float, default=None,
                         help="Fraction of the blocks to remove (default 0.5).")
     target.add_argument("--target_num_blocks", type=int, default=None, help="Number of blocks to remove.")
+    target.add_argument("--target_num_params", type=int, default=None,
+                        help="Parameter budget (unique parameters, one shared embedder as in the original DiT): "
+                             "remove the fewest blocks that bring the model within it.")
     prune.add_argument("--pruning_mode", choices=PRUNING_MODES, default="adaptive",
                        help="adaptive: zero-shot proxies decide how many blocks each stage drops; fixed: equal "
                             "amounts per stage; one_shot: everything at step 0.")
@@ -170,7 +173,7 @@ def parse_args(argv=None):
     out.add_argument("--hub_private", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.target_prune_ratio is None and args.target_num_blocks is None:
+    if args.target_prune_ratio is None and args.target_num_blocks is None and args.target_num_params is None:
         args.target_prune_ratio = 0.5
     if args.learning_rate is None:
         args.learning_rate = 1e-3 if args.pretrained_model_name_or_path is None else 1e-4
@@ -362,7 +365,11 @@ def main(argv=None):
             dataset.select(range(min(args.max_train_samples, len(dataset))))
 
     # ---- the pruning schedule, and the state of an interrupted run
-    num_to_prune = resolve_target(transformer.original_num_layers, args.target_prune_ratio, args.target_num_blocks)
+    outside, per_block = transformer.parameter_counts()
+    if len(set(per_block)) != 1 and args.target_num_params is not None:
+        raise ValueError(f"`--target_num_params` needs blocks of one size; this model's are {sorted(set(per_block))}.")
+    num_to_prune = resolve_target(transformer.original_num_layers, args.target_prune_ratio, args.target_num_blocks,
+                                  args.target_num_params, per_block[0], outside)
     controller = AdaptivePruningController(
         transformer.original_num_layers, num_to_prune,
         decision_steps(args.pruning_stages, args.pruning_steps, args.pruning_mode), args.pruning_mode,

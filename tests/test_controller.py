@@ -153,3 +153,18 @@ def test_stages_after_the_target_is_met_need_no_ranking():
     assert decision.pruned_blocks == [] and decision.ced_scores == {} and decision.num_blocks_after == 8
     controller.decide(20, None)
     assert controller.finished
+
+
+def test_parameter_budget_maps_to_the_fewest_blocks_that_fit():
+    # 1000 outside the blocks, 12 blocks of 100: 2200 in all
+    def target(budget):
+        return resolve_target(12, target_num_params=budget, params_per_block=100, params_outside_blocks=1000)
+
+    assert target(2100) == 1 and target(2099) == 2 and target(1600) == 6 and target(1100) == 11
+    with pytest.raises(ValueError, match="removes no block"):
+        target(2200)
+    with pytest.raises(ValueError, match="removes all 12 blocks"):
+        target(1099)
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_target(12, target_num_blocks=2, target_num_params=2000, params_per_block=100,
+                       params_outside_blocks=1000)

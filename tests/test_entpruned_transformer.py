@@ -256,3 +256,19 @@ def test_direct_construction_keeps_independent_embedders_and_prunes(model_inputs
         skipped = run(model, model_inputs)
     model.prune_blocks([2])
     assert torch.equal(run(model, model_inputs), skipped)
+
+
+def test_parameter_counts_split_the_shared_embedder_from_the_blocks():
+    from conftest import make_tiny_dit
+
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+
+    model = EntPrunedTransformer2DModel.from_transformer(make_tiny_dit(num_layers=6))
+    outside, per_block = model.parameter_counts()
+    unique = sum(p.numel() for p in model.parameters())
+    assert len(set(per_block)) == 1 and outside + sum(per_block) == unique
+    embedder = sum(p.numel() for p in model.transformer_blocks[0].norm1.emb.parameters())
+    assert outside > embedder  # the shared embedder counts once, outside the blocks
+    model.prune_blocks([0, 2])
+    assert model.parameter_counts() == (outside, per_block[:4])
+    assert sum(p.numel() for p in model.parameters()) == outside + 4 * per_block[0]

@@ -159,6 +159,7 @@ def test_push_refused_offline_and_existing_output_kept(tmp_path, source_pipeline
 @pytest.mark.parametrize("extra, error, match", [
     (["--target_num_blocks", "6"], ValueError, "removes all 6 blocks"),
     (["--target_prune_ratio", "0.01"], ValueError, "removes no block"),
+    (["--target_num_params", "10"], ValueError, "target_num_params.*removes all 6 blocks"),
     (["--image_column", "picture"], ValueError, "image_column.*picture"),
     (["--resume_from_checkpoint", "/no/such/checkpoint"], ValueError, "resume_from_checkpoint"),
 ])
@@ -213,3 +214,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
         prune_dit.main(tiny_args(source_pipeline, out, "--validation_steps", "0"))
     assert sorted(os.listdir(out)) == ["checkpoint-6"]  # the last good checkpoint, nothing else
     assert (out / "checkpoint-6" / prune_dit.STATE_NAME).exists()
+
+
+def test_lora_fine_tunes_adapters_only_and_exports_merged_weights(tmp_path, source_pipeline):  # noqa: F811
+    out = tmp_path / "lora"
+    prune_dit.main(tiny_args(source_pipeline, out, "--use_lora", "--lora_rank", "2", "--validation_steps", "0",
+                             "--speed_batch_size", "0"))
+    exported, source = weights(out), weights(source_pipeline)
+    assert not any("lora" in k for k in exported)
+    assert torch.equal(exported["proj_out_2.weight"], source["proj_out_2.weight"])  # frozen: not an adapted layer
+    report = json.load(open(out / "entprune_report.json"))
+    assert report["training"]["use_lora"] is True
+    kept = report["kept_blocks"]
+    position = 0  # block 'position' of the export holds original block kept[0]
+    q_new = exported[f"transformer_blocks.{position}.attn1.to_q.weight"]
+    q_old = source[f"transformer_blocks.{kept[0]}.attn1.to_q.weight"]
+    assert not torch.equal(q_new, q_old)  # the merged adapter changed an adapted layer
+    assert_loads_without_package(out, 3)

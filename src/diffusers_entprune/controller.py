@@ -19,12 +19,25 @@ from dataclasses import asdict, dataclass, field
 PRUNING_MODES = ("adaptive", "fixed", "one_shot")
 
 
-def resolve_target(num_layers: int, target_prune_ratio: float | None = None,
-                   target_num_blocks: int | None = None) -> int:
-    """How many of ``num_layers`` blocks to remove, from a fraction (rounded to the nearest block) or a count."""
-    if (target_prune_ratio is None) == (target_num_blocks is None):
-        raise ValueError("Give exactly one of `target_prune_ratio` (a fraction of the blocks) and "
-                         "`target_num_blocks` (a number of blocks to remove).")
+def resolve_target(num_layers: int, target_prune_ratio: float | None = None, target_num_blocks: int | None = None,
+                   target_num_params: int | None = None, params_per_block: int | None = None,
+                   params_outside_blocks: int | None = None) -> int:
+    """How many of ``num_layers`` blocks to remove: from a fraction (rounded to the nearest block), a count, or a
+    parameter budget (the fewest blocks removed that bring the model to at most ``target_num_params``; DiT blocks
+    are all the same size, so the budget maps to a block count exactly)."""
+    if sum(x is not None for x in (target_prune_ratio, target_num_blocks, target_num_params)) != 1:
+        raise ValueError("Give exactly one of `target_prune_ratio` (a fraction of the blocks), `target_num_blocks` "
+                         "(a number of blocks to remove) and `target_num_params` (a parameter budget).")
+    if target_num_params is not None:
+        total = params_outside_blocks + num_layers * params_per_block
+        if target_num_params < params_outside_blocks + params_per_block:
+            raise ValueError(f"`target_num_params`={target_num_params:,} removes all {num_layers} blocks: one block "
+                             f"and the layers outside the blocks take {params_outside_blocks + params_per_block:,}.")
+        count = math.ceil(max(0, total - target_num_params) / params_per_block)
+        if count < 1:
+            raise ValueError(f"`target_num_params`={target_num_params:,} removes no block: the model has "
+                             f"{total:,} parameters already.")
+        return count
     if target_prune_ratio is not None:
         if not 0.0 < target_prune_ratio < 1.0:
             raise ValueError(f"`target_prune_ratio` must lie strictly between 0 and 1, got {target_prune_ratio}.")

@@ -153,6 +153,18 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
         kept = set(self.kept_block_indices)
         return [i for i in range(self.original_num_layers) if i not in kept]
 
+    def parameter_counts(self) -> tuple[int, list[int]]:
+        """Unique parameters outside the blocks (patch embedding, the shared conditioning embedder, final layer) and
+        those each kept block owns alone; a pruned model has ``outside + sum(kept blocks)`` parameters."""
+        owners: dict[int, set[int]] = {}
+        for position, block in enumerate(self.transformer_blocks):
+            for p in block.parameters():
+                owners.setdefault(id(p), set()).add(position)
+        sizes = {id(p): p.numel() for p in self.parameters()}
+        per_block = [sum(sizes[i] for i, where in owners.items() if where == {position})
+                     for position in range(self.num_blocks)]
+        return sum(sizes.values()) - sum(per_block), per_block
+
     @property
     def null_class_label(self) -> int:
         """The label that means "no class" (classifier-free guidance); `DiTPipeline` uses it."""
