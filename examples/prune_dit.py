@@ -271,6 +271,8 @@ def make_grid(images, rows: int):
     from PIL import Image
 
     cols = math.ceil(len(images) / rows)
+    if images[0].size[0] < 128:  # small samples (the embedded 32 px digits) are hard to judge at their size
+        images = [i.resize((i.size[0] * 2, i.size[1] * 2), resample=0) for i in images]  # nearest neighbour
     w, h = images[0].size
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, image in enumerate(images):
@@ -470,8 +472,13 @@ def main(argv=None):
                             f"score={c.combined:.3f}" for c in decision.candidates if c.combined is not None)
         logger.info(f"Stage {decision.stage} at step {global_step}: dropped {decision.pruned_blocks or 'nothing'} "
                     f"-> {decision.num_blocks_after} blocks ({summary or 'no choice to make'})")
-        accelerator.log({"pruning/num_blocks": decision.num_blocks_after, "pruning/stage": decision.stage,
-                         "pruning/dropped": len(decision.pruned_blocks)}, step=global_step)
+        logs = {"pruning/num_blocks": decision.num_blocks_after, "pruning/stage": decision.stage,
+                "pruning/dropped": len(decision.pruned_blocks)}
+        for c in decision.candidates:  # the proxies of every candidate, by how many blocks it drops
+            if c.combined is not None:
+                logs.update({f"pruning/ntk_condition_number_m{c.num_blocks}": c.ntk_condition_number,
+                             f"pruning/zico_m{c.num_blocks}": c.zico, f"pruning/combined_m{c.num_blocks}": c.combined})
+        accelerator.log(logs, step=global_step)
         return model
 
     # ---- training

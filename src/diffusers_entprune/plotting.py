@@ -57,7 +57,11 @@ def plot_stage_scores(stages: list[dict], original_num_layers: int, path: str) -
     ax.set_xticks(range(original_num_layers))
     ax.set_xlabel("block (original index)")
     ax.set_ylabel("CED")
-    ax.set_yscale("symlog", linthresh=1e-3)
+    values = [v for stage in stages for v in stage["ced_scores"].values()]
+    if values and min(values) > 0:  # CED spans orders of magnitude between blocks
+        ax.set_yscale("log")
+    elif values:  # signed CED (or a zero): symmetric log around zero
+        ax.set_yscale("symlog", linthresh=max(1e-6, min((abs(v) for v in values if v), default=1.0)))
     ax.set_title("CED per block at each pruning stage (red x: dropped at that stage)")
     ax.legend(fontsize=7)
     fig.tight_layout()
