@@ -38,7 +38,9 @@ def build(config: str):
     from diffusers import DDIMScheduler
 
     torch.manual_seed(0)
-    return (EntPrunedTransformer2DModel.from_transformer(DiTTransformer2DModel(**S2_CONFIG)),
+    # random weights: each block got its own random embedder copy, so tie them all to block 0's
+    model = DiTTransformer2DModel(**S2_CONFIG)
+    return (EntPrunedTransformer2DModel.from_transformer(model, embedder_copies="tie_to_first"),
             DDIMScheduler(beta_schedule="linear"))
 
 
