@@ -330,6 +330,10 @@ def main(argv=None):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # The blocks share one conditioning embedder, so safetensors stores it once and accelerate warns at every
+    # checkpoint; reloading restores the tie (a resumed run ends bit-identical, tested), so the warning is noise.
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in
+                                                          record.getMessage())
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
