@@ -158,3 +158,23 @@ def test_pixel_collate_refuses_labels_outside_the_model():
     assert pixels.shape == (1, 3, 16, 16) and labels.tolist() == [3]
     with pytest.raises(ValueError, match=r"label_column.*\[12\].*0\.\.9"):
         collate([{"image": Image.new("RGB", (20, 20)), "label": 12}])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_training_dataloader_resumes_where_it_stopped(streaming):
+    import itertools
+
+    from diffusers_entprune.data import PixelCollate, training_dataloader
+    from diffusers_entprune.embedded import load_digits_dataset
+
+    dataset = load_digits_dataset("downstream", split="test", streaming=streaming)
+    collate = PixelCollate(16, num_classes=10)
+
+    def labels(skip, batches, process_index=0, num_processes=1):
+        loader = training_dataloader(dataset, collate, batch_size=7, seed=3, process_index=process_index,
+                                     num_processes=num_processes, skip_samples=skip, shuffle_buffer_size=50)
+        return [b[1].tolist() for b in itertools.islice(iter(loader), batches)]
+
+    whole = labels(0, 30)  # 210 samples: past the end of the 180 test digits
+    assert labels(7 * 20, 10) == whole[20:]  # a resumed run reads on exactly where it stopped
+    assert labels(0, 10, 1, 2) != whole[:10]  # a second process reads other samples
