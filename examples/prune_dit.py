@@ -407,7 +407,8 @@ def main(argv=None):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     ema = None
     if args.use_ema:
-        ema = EMAModel(transformer.parameters(), decay=args.ema_decay)
+        # over the trainable parameters only: with LoRA, an EMA of the frozen weights would be a wasted copy
+        ema = EMAModel(trainable_parameters(transformer), decay=args.ema_decay)
         accelerator.register_for_checkpointing(ema)
     model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if resume_path is not None:
@@ -504,6 +505,7 @@ def main(argv=None):
         if controller.is_decision_step(global_step):
             close_stage_timing()
             model = run_pruning_stage(model)
+            step_start = time.perf_counter()  # ranking and proxies are not training time
         losses = []
         for _ in range(args.gradient_accumulation_steps):
             pixels, labels = next(data_iter)
@@ -540,7 +542,7 @@ def main(argv=None):
 
         if accelerator.sync_gradients:
             if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
+                ema.step(trainable_parameters(accelerator.unwrap_model(model)))
             global_step += 1
             progress.update(1)
             now = time.perf_counter()
@@ -562,9 +564,10 @@ def main(argv=None):
     # ---- export: EMA weights, LoRA merged, a plain DiTPipeline folder beside the checkpoints
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
+        # without accelerate's autocast forward: the speed comparison and the samples run both models alike
+        final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         if ema is not None:
-            ema.copy_to(final.parameters())
+            ema.copy_to(trainable_parameters(final))
         if args.use_lora:
             merge_lora(final)
         final.eval()
@@ -577,12 +580,12 @@ def main(argv=None):
 def log_validation(accelerator, model, vae, scheduler, ema, args, global_step):
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:  # sample with the EMA weights, then put the training weights back
-        ema.store(unwrapped.parameters())
-        ema.copy_to(unwrapped.parameters())
+        ema.store(trainable_parameters(unwrapped))
+        ema.copy_to(trainable_parameters(unwrapped))
     labels = args.validation_class_labels or list(range(min(8, unwrapped.config.num_embeds_ada_norm)))
     images = sample_images(unwrapped, vae, scheduler, labels, args)
     if ema is not None:
-        ema.restore(unwrapped.parameters())
+        ema.restore(trainable_parameters(unwrapped))
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid = make_grid(images, rows=1)

@@ -24,6 +24,17 @@ _spec.loader.exec_module(prune_dit)
 DOWNSTREAM = os.path.join(DIGITS_DIR, "downstream")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each script run is a new process in real use: accelerate's process-wide state (e.g. the mixed precision of
+    the first Accelerator) must not leak from one in-process run to the next."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_args(source, output_dir, *extra):
     # 6-block tiny DiT, half of it pruned in 2 stages over the first 8 of 12 steps
     return ["--pretrained_model_name_or_path", source, "--train_data_dir", DOWNSTREAM, "--output_dir", str(output_dir),
@@ -222,7 +233,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_lora_fine_tunes_adapters_only_and_exports_merged_weights(tmp_path, source_pipeline):  # noqa: F811
     out = tmp_path / "lora"
-    prune_dit.main(tiny_args(source_pipeline, out, "--use_lora", "--lora_rank", "2", "--validation_steps", "0",
+    prune_dit.main(tiny_args(source_pipeline, out, "--use_lora", "--lora_rank", "2", "--use_ema",
                              "--speed_batch_size", "0"))
     exported, source = weights(out), weights(source_pipeline)
     assert not any("lora" in k for k in exported)
@@ -235,3 +246,12 @@ def test_lora_fine_tunes_adapters_only_and_exports_merged_weights(tmp_path, sour
     q_old = source[f"transformer_blocks.{kept[0]}.attn1.to_q.weight"]
     assert not torch.equal(q_new, q_old)  # the merged adapter changed an adapted layer
     assert_loads_without_package(out, 3)
+
+
+def test_bf16_mixed_precision_trains_samples_and_exports_float32(tmp_path, source_pipeline):  # noqa: F811
+    out = tmp_path / "bf16"
+    prune_dit.main(tiny_args(source_pipeline, out, "--mixed_precision", "bf16", "--use_ema"))
+    assert (out / "validation" / "step-000006.png").exists()  # the bf16 VAE decodes float32 latents
+    assert all(v.dtype == torch.float32 for v in weights(out).values())
+    report = json.load(open(out / "entprune_report.json"))
+    assert report["training"]["mixed_precision"] == "bf16" and report["sampling_speed"]["speedup"] > 0

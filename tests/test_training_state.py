@@ -105,3 +105,20 @@ def test_pruning_block_zero_keeps_optimizer_and_ema_in_the_models_parameter_orde
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in after]
     assert [s.shape for s in ema.shadow_params] == [p.shape for p in after]
     train_steps(model, optimizer, ema, 1)
+
+
+def test_ema_over_trainable_parameters_only_follows_them_through_pruning():
+    model = EntPrunedTransformer2DModel.from_transformer(make_tiny_dit(num_layers=4)).train()
+    for name, p in model.named_parameters():  # as with LoRA: most weights frozen
+        p.requires_grad_("attn1.to_q" in name)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(trainable, decay=0.9)
+    with torch.no_grad():
+        for s, p in zip(ema.shadow_params, trainable):
+            s.add_(float(id(p) % 997))  # tag each copy with its parameter
+    tags = {id(p): float(id(p) % 997) for p in trainable}
+    prune_training_state(model, [1, 2], None, ema)
+    kept = [p for p in model.parameters() if p.requires_grad]
+    assert len(ema.shadow_params) == len(kept) == 4  # to_q weight and bias of the two kept blocks
+    for s, p in zip(ema.shadow_params, kept):
+        assert torch.allclose(s - p, torch.full_like(p, tags[id(p)]))

@@ -20,7 +20,8 @@ def prune_training_state(model: EntPrunedTransformer2DModel, blocks, optimizer=N
     Args:
         model: the unwrapped model (``accelerator.unwrap_model(model)``).
         optimizer: a torch optimizer (or accelerate's wrapper) over some of ``model``'s parameters.
-        ema: a diffusers `EMAModel` whose ``shadow_params`` follow ``model.parameters()`` order.
+        ema: a diffusers `EMAModel` built over the model's trainable parameters, in ``model.parameters()`` order
+            (all of them, or only the adapters when the rest is frozen as with LoRA).
 
     Returns the removed block indices. The kept parameters' optimizer moments and EMA weights are untouched.
     """
@@ -40,14 +41,17 @@ def prune_training_state(model: EntPrunedTransformer2DModel, blocks, optimizer=N
             for p in gone:
                 base.state.pop(p, None)
     if ema is not None:
-        if len(ema.shadow_params) != len(before):
-            raise ValueError(f"The EMA tracks {len(ema.shadow_params)} tensors but the model had {len(before)} "
-                             "parameters; build `EMAModel(model.parameters())` from this model.")
-        shadow = {id(p): s for p, s in zip(before, ema.shadow_params)}
-        ema.shadow_params = [shadow[id(p)] for p in after]
+        tracked_before = [p for p in before if p.requires_grad]
+        tracked_after = [p for p in after if p.requires_grad]
+        if len(ema.shadow_params) != len(tracked_before):
+            raise ValueError(f"The EMA tracks {len(ema.shadow_params)} tensors but the model had "
+                             f"{len(tracked_before)} trainable parameters; build it as "
+                             "`EMAModel([p for p in model.parameters() if p.requires_grad])`.")
+        shadow = {id(p): s for p, s in zip(tracked_before, ema.shadow_params)}
+        ema.shadow_params = [shadow[id(p)] for p in tracked_after]
         if getattr(ema, "temp_stored_params", None) is not None:
-            stored = {id(p): s for p, s in zip(before, ema.temp_stored_params)}
-            ema.temp_stored_params = [stored[id(p)] for p in after]
+            stored = {id(p): s for p, s in zip(tracked_before, ema.temp_stored_params)}
+            ema.temp_stored_params = [stored[id(p)] for p in tracked_after]
     return removed
 
 
