@@ -563,6 +563,8 @@ def main(argv=None):
 
     # ---- export: EMA weights, LoRA merged, a plain DiTPipeline folder beside the checkpoints
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        check_processes_agree(accelerator, accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         # without accelerate's autocast forward: the speed comparison and the samples run both models alike
         final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -575,6 +577,19 @@ def main(argv=None):
                device)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def check_processes_agree(accelerator, model):
+    """Every process must end with the same blocks and weights: pruning rebuilt the DDP wrapper mid-training, and a
+    process that had stopped receiving its peers' gradients would drift silently. Only the main process exports."""
+    with torch.no_grad():
+        summary = torch.tensor([float(model.num_blocks)] + [p.double().sum().item() for p in model.parameters()],
+                               dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(summary[None]).cpu()
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError("The processes ended with different weights or blocks; the model was not kept in sync "
+                           "across processes. Please report this with your accelerate configuration.")
+    logger.info(f"Blocks and weights agree across {accelerator.num_processes} processes.")
 
 
 def log_validation(accelerator, model, vae, scheduler, ema, args, global_step):
