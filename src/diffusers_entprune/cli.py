@@ -5,6 +5,7 @@
     entprune prune --prune_blocks 0 5 11 --output_dir tiny-pruned   # embedded base, no network needed
     entprune prune --scores scores/scores.json --num_prune 3 --output_dir tiny-pruned
     entprune prune --pretrained_model_name_or_path facebook/DiT-XL-2-256 --prune_blocks ... --output_dir OUT
+    entprune convert --checkpoint DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --output_dir dit-xl
 
 ``score`` ranks the blocks of a DiT on a dataset (CED or a baseline metric) and writes ``scores.json`` and
 ``scores.png``.
@@ -259,7 +260,42 @@ def score_command(argv) -> int:
     return 0
 
 
-COMMANDS = {"score": score_command, "prune": prune_command}
+def convert_command(argv) -> int:
+    parser = argparse.ArgumentParser(prog="entprune convert",
+                                     description="An original DiT checkpoint (.pt or .safetensors) -> a DiTPipeline.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="e.g. DiT-XL-2-256x256.pt, or a training checkpoint (its EMA weights are used).")
+    parser.add_argument("--vae", required=True, help="A diffusers AutoencoderKL folder or Hub id, e.g. "
+                        "stabilityai/sd-vae-ft-ema (add --vae_subfolder vae for a pipeline's VAE).")
+    parser.add_argument("--vae_subfolder", default=None)
+    parser.add_argument("--num_attention_heads", type=int, default=None,
+                        help="Needed only for non-standard hidden sizes (S/B/L/XL are known).")
+    parser.add_argument("--sample_size", type=int, default=None,
+                        help="Latent size; needed only when the checkpoint has no pos_embed.")
+    parser.add_argument("--id2label", default=None, help="A JSON file mapping class index to name.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint!r} is not a file.")
+    from diffusers import AutoencoderKL
+
+    from .convert import convert_to_dit_pipeline
+    from .export import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    id2label = None
+    if args.id2label:
+        with open(args.id2label) as f:
+            id2label = {int(k): v for k, v in json.load(f).items()}
+    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
+    out = convert_to_dit_pipeline(args.checkpoint, vae, args.output_dir, args.num_attention_heads, args.sample_size,
+                                  id2label, overwrite=args.overwrite_output_dir)
+    print(f"wrote {out} (load it with DiTPipeline.from_pretrained)")
+    return 0
+
+
+COMMANDS = {"score": score_command, "prune": prune_command, "convert": convert_command}
 
 
 def main(argv=None) -> int:
