@@ -181,8 +181,9 @@ class AdaptivePruningController:
         """Make the decision of the current stage.
 
         Args:
-            ced_scores: original block index -> CED for every block still in the model (``None`` with
-                ``rank_once`` after the first stage: the first stage's scores are reused).
+            ced_scores: original block index -> CED for every block still in the model; ``None`` when
+                `needs_ced` is false (``rank_once`` after the first stage reuses the first stage's scores; once the
+                target is met nothing is ranked).
             proxy_fn: given candidate block lists, returns (NTK condition number, ZiCo) per candidate; called only
                 in ``adaptive`` mode when there is more than one candidate.
         """
