@@ -4,6 +4,7 @@ __version__ = "0.1.0.dev0"
 
 from .export import load_id2label, pruning_report, save_pruned_pipeline  # noqa: E402
 from .models import EntPrunedTransformer2DModel, initialize_dit_weights  # noqa: E402
+from .pipelines import SiTPipeline  # noqa: E402
 
 __all__ = [
     "EntPrunedTransformer2DModel",
@@ -11,4 +12,5 @@ __all__ = [
     "load_id2label",
     "pruning_report",
     "save_pruned_pipeline",
+    "SiTPipeline",
 ]

@@ -1,0 +1,3 @@
+from .pipeline_sit import SiTPipeline
+
+__all__ = ["SiTPipeline"]
