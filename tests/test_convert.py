@@ -130,3 +130,24 @@ def test_convert_command_writes_a_dit_pipeline_that_samples(tmp_path):
         main(["convert", "--checkpoint", str(ten_classes), "--vae", str(tmp_path / "vae"),
               "--num_attention_heads", "4", "--output_dir", str(tmp_path / "ten")])
     assert not (tmp_path / "ten").exists()
+
+
+def test_convert_command_writes_a_sit_pipeline(tmp_path):
+    from conftest import make_tiny_vae
+
+    from diffusers_entprune.cli import main
+    from diffusers_entprune.pipelines import SiTPipeline
+
+    ref = reference(freq_shift=0)  # the original convention: at SiT's times the gap is small
+    torch.save({"ema": ref.state_dict(), "model": {}}, tmp_path / "SiT-tiny.pt")
+    make_tiny_vae().save_pretrained(tmp_path / "vae")
+    out = tmp_path / "sit"
+    assert main(["convert", "--checkpoint", str(tmp_path / "SiT-tiny.pt"), "--model_type", "sit",
+                 "--vae", str(tmp_path / "vae"), "--num_attention_heads", "4", "--output_dir", str(out)]) == 0
+    pipe = SiTPipeline.from_pretrained(out)
+    x, times, labels = inputs([0.0, 0.25, 0.7, 1.0])
+    with torch.no_grad():
+        assert relative(pipe.transformer(x, timestep=times, class_labels=labels).sample, ref(x, times, labels)) < 1e-3
+    images = pipe(class_labels=[3, 10], num_inference_steps=2, sampler="heun", generator=torch.manual_seed(0),
+                  output_type="np").images  # 10 classes here: the null class is 10
+    assert images.shape == (2, 16, 16, 3)

@@ -6,6 +6,7 @@
     entprune prune --scores scores/scores.json --num_prune 3 --output_dir tiny-pruned
     entprune prune --pretrained_model_name_or_path facebook/DiT-XL-2-256 --prune_blocks ... --output_dir OUT
     entprune convert --checkpoint DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --output_dir dit-xl
+    entprune convert --checkpoint SiT-XL-2-256x256.pt --model_type sit --vae stabilityai/sd-vae-ft-ema --output_dir S
 
 ``score`` ranks the blocks of a DiT on a dataset (CED or a baseline metric) and writes ``scores.json`` and
 ``scores.png``.
@@ -261,10 +262,12 @@ def score_command(argv) -> int:
 
 
 def convert_command(argv) -> int:
-    parser = argparse.ArgumentParser(prog="entprune convert",
-                                     description="An original DiT checkpoint (.pt or .safetensors) -> a DiTPipeline.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="e.g. DiT-XL-2-256x256.pt, or a training checkpoint (its EMA weights are used).")
+    parser = argparse.ArgumentParser(prog="entprune convert", description="An original DiT or SiT checkpoint (.pt or "
+                                     ".safetensors) -> a DiTPipeline or SiTPipeline folder.")
+    parser.add_argument("--checkpoint", required=True, help="e.g. DiT-XL-2-256x256.pt or SiT-XL-2-256x256.pt, or a "
+                        "training checkpoint (its EMA weights are used).")
+    parser.add_argument("--model_type", choices=["dit", "sit"], default="dit",
+                        help="dit: DDPM-trained (DiTPipeline); sit: flow-trained (SiTPipeline).")
     parser.add_argument("--vae", required=True, help="A diffusers AutoencoderKL folder or Hub id, e.g. "
                         "stabilityai/sd-vae-ft-ema (add --vae_subfolder vae for a pipeline's VAE).")
     parser.add_argument("--vae_subfolder", default=None)
@@ -280,7 +283,7 @@ def convert_command(argv) -> int:
         parser.error(f"--checkpoint {args.checkpoint!r} is not a file.")
     from diffusers import AutoencoderKL
 
-    from .convert import convert_to_dit_pipeline
+    from .convert import convert_to_pipeline
     from .export import check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
@@ -289,9 +292,10 @@ def convert_command(argv) -> int:
         with open(args.id2label) as f:
             id2label = {int(k): v for k, v in json.load(f).items()}
     vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
-    out = convert_to_dit_pipeline(args.checkpoint, vae, args.output_dir, args.num_attention_heads, args.sample_size,
-                                  id2label, overwrite=args.overwrite_output_dir)
-    print(f"wrote {out} (load it with DiTPipeline.from_pretrained)")
+    out = convert_to_pipeline(args.checkpoint, vae, args.output_dir, args.model_type, args.num_attention_heads,
+                              args.sample_size, id2label, overwrite=args.overwrite_output_dir)
+    pipeline_class = "DiTPipeline" if args.model_type == "dit" else "diffusers_entprune.SiTPipeline"
+    print(f"wrote {out} (load it with {pipeline_class}.from_pretrained)")
     return 0
 
 

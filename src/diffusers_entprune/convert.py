@@ -154,23 +154,42 @@ def transformer_from_original(state_dict: dict[str, torch.Tensor], num_attention
     return model.eval()
 
 
-def convert_to_dit_pipeline(checkpoint: str, vae, output_dir: str, num_attention_heads: int | None = None,
-                            sample_size: int | None = None, id2label: dict | None = None,
-                            overwrite: bool = False) -> str:
-    """An original DiT checkpoint + a diffusers VAE -> a `DiTPipeline` folder (DDIM scheduler with DiT's linear
-    betas), written through `save_pruned_pipeline` (staged, verified, with a report and a model card)."""
-    from diffusers import DDIMScheduler
+MODEL_TYPES = ("dit", "sit")
 
-    from .export import check_output_dir, save_pruned_pipeline
 
+def convert_to_pipeline(checkpoint: str, vae, output_dir: str, model_type: str = "dit",
+                        num_attention_heads: int | None = None, sample_size: int | None = None,
+                        id2label: dict | None = None, overwrite: bool = False) -> str:
+    """An original DiT or SiT checkpoint + a diffusers VAE -> a pipeline folder, written under a temporary name and
+    renamed into place.
+
+    ``dit``: a `DiTPipeline` (DDIM with DiT's linear betas), through `save_pruned_pipeline` (verified, with a
+    report and a model card). ``sit``: a `SiTPipeline` (flow-matching Euler scheduler; Heun and SDE samplers are
+    options of its call).
+    """
+    from .export import check_output_dir, save_pruned_pipeline, staged_output_dir
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}.")
     check_output_dir(output_dir, overwrite)
     model = transformer_from_original(load_original_state_dict(checkpoint), num_attention_heads, sample_size)
-    if model.config.num_embeds_ada_norm != 1000:
-        raise ValueError(f"`checkpoint` has {model.config.num_embeds_ada_norm} classes; `DiTPipeline` guides with "
-                         "the null class 1000, so only 1000-class (ImageNet) checkpoints make a working pipeline.")
     if model.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"`vae` has {vae.config.latent_channels} latent channels but the checkpoint expects "
                          f"{model.config.in_channels}.")
+    if model_type == "sit":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from .pipelines import SiTPipeline
+
+        with staged_output_dir(output_dir) as tmp:
+            SiTPipeline(transformer=model, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                        id2label=id2label).save_pretrained(tmp)
+        return output_dir
+    from diffusers import DDIMScheduler
+
+    if model.config.num_embeds_ada_norm != 1000:
+        raise ValueError(f"`checkpoint` has {model.config.num_embeds_ada_norm} classes; `DiTPipeline` guides with "
+                         "the null class 1000, so only 1000-class (ImageNet) checkpoints make a working pipeline.")
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               clip_sample=False)
     return save_pruned_pipeline(output_dir, model, vae, scheduler, id2label=id2label, overwrite=overwrite,

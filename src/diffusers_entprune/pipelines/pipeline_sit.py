@@ -34,6 +34,8 @@ class SiTPipeline(DiffusionPipeline):
                  scheduler: FlowMatchEulerDiscreteScheduler, id2label: dict[int, str] | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        if id2label:  # kept in model_index.json, so from_pretrained hands the names back
+            self.register_to_config(id2label={int(k): v for k, v in id2label.items()})
         self.labels = {}
         for key, value in (id2label or {}).items():
             for label in value.split(","):
