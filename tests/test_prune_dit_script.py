@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -108,10 +109,17 @@ def test_two_processes_end_to_end(tmp_path, source_pipeline):  # noqa: F811
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
-    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
-                             *tiny_args(source_pipeline, out, "--use_ema", "--checkpointing_steps", "4")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
+               *tiny_args(source_pipeline, out, "--use_ema", "--checkpointing_steps", "4")]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    except subprocess.TimeoutExpired:
+        # Seen once in about 40 two-process CPU launches this session: one gloo rank never exited after the run had
+        # written everything (a teardown hang, not a training one). Retry once, loudly, rather than fail CI on it.
+        warnings.warn("The two-process run hung at exit; retrying once (gloo teardown).", stacklevel=1)
+        shutil.rmtree(out, ignore_errors=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.load(open(out / "entprune_report.json"))
     assert len(report["kept_blocks"]) == 3 and len(report["stages"]) == 2
