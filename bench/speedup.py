@@ -46,7 +46,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 from diffusers_entprune import EntPrunedTransformer2DModel
 from diffusers_entprune.embedded import load_embedded_pipeline
-from diffusers_entprune.speed import count_flops
+from diffusers_entprune.speed import count_flops, synchronize
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 S2_CONFIG = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
@@ -124,11 +124,6 @@ def forward_inputs(pipe: DiTPipeline, labels, device, dtype):
     t = torch.full((2 * batch,), 500, dtype=torch.long)
     y = torch.tensor(list(labels) + [config.num_embeds_ada_norm] * batch)
     return x.to(device=device, dtype=dtype), t.to(device), y.to(device)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_name(device) -> str:

@@ -20,15 +20,13 @@ import diffusers
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.training_utils import EMAModel
+from speedup import S2_CONFIG, evenly_spaced
 
 from diffusers_entprune import EntPrunedTransformer2DModel
 from diffusers_entprune.embedded import load_embedded_pipeline
 from diffusers_entprune.objectives import DiffusionObjective
 from diffusers_entprune.speed import transformer_flops
 from diffusers_entprune.training_state import prune_training_state
-
-S2_CONFIG = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
-                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 
 
 def build(config: str):
@@ -84,7 +82,7 @@ def main():
     for depth in args.depths:
         if depth < model.num_blocks:  # drop evenly spaced remaining blocks, mid-training
             kept = model.kept_block_indices
-            drop = [kept[int((i + 0.5) * len(kept) / (len(kept) - depth))] for i in range(len(kept) - depth)]
+            drop = [kept[p] for p in evenly_spaced(len(kept), len(kept) - depth)]
             prune_training_state(model, drop, optimizer, ema)
         for _ in range(3):
             step()

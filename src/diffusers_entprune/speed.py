@@ -43,7 +43,8 @@ def transformer_flops(transformer, batch_size: int = 1) -> int:
     return count_flops(lambda: transformer(latents, timestep=timesteps, class_labels=labels))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -59,11 +60,11 @@ def compare_sampling_speed(original_pipe, pruned_pipe, class_labels: list[int], 
     device = original_pipe.transformer.device
 
     def run(pipe):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         pipe(class_labels=class_labels, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
              generator=torch.manual_seed(0), output_type="np")
-        _synchronize(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     for _ in range(warmup):
