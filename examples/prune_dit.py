@@ -26,7 +26,6 @@ that ``--resume_from_checkpoint latest`` continues from (same architecture, same
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -46,20 +45,20 @@ from diffusers_entprune.data import (
     LatentBatches,
     PixelCollate,
     check_columns,
-    load_image_dataset,
+    load_dataset_or_embedded,
     repeat_batches,
     shard_batches,
     training_dataloader,
     vae_scale_factor,
 )
-from diffusers_entprune.embedded import TINY_DIT_DIR, load_digits_dataset
+from diffusers_entprune.embedded import TINY_DIT_DIR
 from diffusers_entprune.export import load_id2label, save_pruned_pipeline
 from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import CEDOptions, compute_ced
 from diffusers_entprune.lora import add_lora, merge_lora
 from diffusers_entprune.models import EntPrunedTransformer2DModel
 from diffusers_entprune.objectives import DiffusionObjective
-from diffusers_entprune.plotting import plot_stage_scores
+from diffusers_entprune.plotting import plot_stage_scores, sample_grid
 from diffusers_entprune.proxies import score_candidates
 from diffusers_entprune.speed import compare_sampling_speed
 from diffusers_entprune.training_state import prune_training_state, reprepare_model
@@ -267,19 +266,6 @@ def save_checkpoint(accelerator, args, global_step: int, controller, stage_times
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def make_grid(images, rows: int):
-    from PIL import Image
-
-    cols = math.ceil(len(images) / rows)
-    if images[0].size[0] < 128:  # small samples (the embedded 32 px digits) are hard to judge at their size
-        images = [i.resize((i.size[0] * 2, i.size[1] * 2), resample=0) for i in images]  # nearest neighbour
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 @torch.no_grad()
 def sample_images(transformer, vae, scheduler, class_labels, args):
     was_training = transformer.training
@@ -292,6 +278,10 @@ def sample_images(transformer, vae, scheduler, class_labels, args):
                       guidance_scale=args.guidance_scale, generator=torch.manual_seed(args.seed)).images
     transformer.train(was_training)
     return images
+
+
+def validation_labels(args, transformer) -> list[int]:
+    return args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
 
 
 def trainable_parameters(model):
@@ -358,13 +348,8 @@ def main(argv=None):
                          f"{transformer.config.sample_size} wide, i.e. "
                          f"{transformer.config.sample_size * vae_scale_factor(vae)} px. Drop `--resolution`.")
 
-    if args.dataset_name is None and args.train_data_dir is None:
-        dataset, dataset_name = load_digits_dataset("downstream", split=args.split, streaming=args.streaming), \
-            "embedded:digits/downstream"
-    else:
-        dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.dataset_config_name,
-                                     streaming=args.streaming, cache_dir=args.cache_dir)
-        dataset_name = args.dataset_name or args.train_data_dir
+    dataset, dataset_name = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
+                                                     args.dataset_config_name, args.streaming, args.cache_dir)
     check_columns(dataset, args.image_column, args.label_column, num_classes)
     if args.max_train_samples is not None:
         dataset = dataset.take(args.max_train_samples) if args.streaming else \
@@ -597,13 +582,13 @@ def log_validation(accelerator, model, vae, scheduler, ema, args, global_step):
     if ema is not None:  # sample with the EMA weights, then put the training weights back
         ema.store(trainable_parameters(unwrapped))
         ema.copy_to(trainable_parameters(unwrapped))
-    labels = args.validation_class_labels or list(range(min(8, unwrapped.config.num_embeds_ada_norm)))
+    labels = validation_labels(args, unwrapped)
     images = sample_images(unwrapped, vae, scheduler, labels, args)
     if ema is not None:
         ema.restore(trainable_parameters(unwrapped))
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
-    grid = make_grid(images, rows=1)
+    grid = sample_grid(images, rows=1)
     grid.save(os.path.join(folder, f"step-{global_step:06d}.png"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -624,7 +609,7 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
     vae = vae.float()
     original = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer",
                                                            revision=args.revision).to(device).eval()
-    labels = args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
+    labels = validation_labels(args, transformer)
     report = {
         "source": source_name, "dataset": dataset_name, "pruning_mode": args.pruning_mode,
         "pruned_by": {"method": f"EntPruner ({args.pruning_mode} schedule, CED ranking)",
@@ -662,7 +647,7 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
         before = sample_images(original, vae, scheduler, labels, args)
         after = sample_images(transformer, vae, scheduler, labels, args)
-        make_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))
+        sample_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))
         names = sorted(os.listdir(folder), key=lambda n: n == "model_index.json")  # the index goes in last
         for name in names:
             target = os.path.join(args.output_dir, name)

@@ -68,12 +68,12 @@ def prune_command(argv) -> int:
     args = _parse_prune_args(argv)
     import torch
     from diffusers import DiTPipeline
-    from diffusers.utils import make_image_grid
 
     from .embedded import TINY_DIT_DIR
     from .export import check_output_dir, load_id2label, save_pruned_pipeline
     from .hub import check_can_push, push_pruned_pipeline
     from .models import EntPrunedTransformer2DModel
+    from .plotting import sample_grid
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     repo_id = None
@@ -127,10 +127,7 @@ def prune_command(argv) -> int:
 
     if args.num_samples_per_row:
         pruned_images = sample(reloaded)
-        grid = make_image_grid(original_images + pruned_images, rows=2, cols=len(labels))
-        scale = max(1, 768 // grid.width)  # small models make small images: enlarge without smoothing
-        grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
-        grid.save(os.path.join(args.output_dir, "samples.png"))
+        sample_grid(original_images + pruned_images, rows=2).save(os.path.join(args.output_dir, "samples.png"))
         print(f"sample grid (top: original, bottom: pruned): {os.path.join(args.output_dir, 'samples.png')}")
     with open(os.path.join(args.output_dir, "entprune_report.json")) as f:
         print(json.dumps({k: v for k, v in json.load(f).items() if k != "entprune_version"}))
@@ -191,8 +188,8 @@ def score_command(argv) -> int:
     from accelerate import Accelerator
     from diffusers import DiTPipeline
 
-    from .data import LatentBatches, load_image_dataset, repeat_batches, shard_batches, vae_scale_factor
-    from .embedded import TINY_DIT_DIR, load_digits_dataset
+    from .data import LatentBatches, load_dataset_or_embedded, repeat_batches, shard_batches, vae_scale_factor
+    from .embedded import TINY_DIT_DIR
     from .export import check_output_dir, staged_output_dir
     from .importance import CEDOptions, baselines, compute_ced
     from .models import EntPrunedTransformer2DModel
@@ -208,12 +205,8 @@ def score_command(argv) -> int:
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
     pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
     transformer.eval()
-    if args.dataset_name is None and args.train_data_dir is None:
-        dataset, dataset_label = load_digits_dataset("downstream", split=args.split), "embedded:digits/downstream"
-    else:
-        dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.dataset_config_name,
-                                     streaming=args.streaming)
-        dataset_label = args.dataset_name or args.train_data_dir
+    dataset, dataset_label = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
+                                                      args.dataset_config_name, streaming=args.streaming)
     resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(pipe.vae)
     latents = LatentBatches(dataset, pipe.vae, resolution, args.batch_size, args.image_column, args.label_column,
                             num_classes=transformer.config.num_embeds_ada_norm, cache_dir=args.latent_cache_dir)

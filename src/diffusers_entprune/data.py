@@ -47,6 +47,20 @@ def load_image_dataset(dataset_name: str | None = None, train_data_dir: str | No
     return load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
 
 
+def load_dataset_or_embedded(dataset_name: str | None = None, train_data_dir: str | None = None, split: str = "train",
+                             dataset_config_name: str | None = None, streaming: bool = False,
+                             cache_dir: str | None = None):
+    """The user's dataset (see `load_image_dataset`), or the embedded downstream digits when neither
+    ``dataset_name`` nor ``train_data_dir`` is given. Returns the dataset and a name for reports."""
+    if dataset_name is None and train_data_dir is None:
+        from .embedded import load_digits_dataset
+
+        return load_digits_dataset("downstream", split=split, streaming=streaming), "embedded:digits/downstream"
+    dataset = load_image_dataset(dataset_name, train_data_dir, split, dataset_config_name, streaming=streaming,
+                                 cache_dir=cache_dir)
+    return dataset, dataset_name or train_data_dir
+
+
 def check_columns(dataset, image_column: str, label_column: str, num_classes: int | None = None) -> None:
     """Fail early, naming the argument, when the dataset cannot feed a class-conditional model."""
     columns = list(dataset.column_names or (dataset.features or {}).keys())

@@ -6,6 +6,16 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def sample_grid(images: list, rows: int, min_width: int = 768):
+    """A grid of PIL samples (diffusers' `make_image_grid`), enlarged without smoothing to at least ``min_width``
+    pixels: small models make small images that are hard to judge at their own size."""
+    from diffusers.utils import make_image_grid
+
+    grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+    scale = max(1, min_width // grid.width)
+    return grid.resize((grid.width * scale, grid.height * scale), resample=0)  # 0 = nearest neighbour
+
+
 def plot_scores(scores: dict, path: str) -> str:
     """Bar chart of one score per block (least important blocks highlighted) and, for CED, a heatmap of the
     per-timestep-bucket scores. ``scores`` is what ``ImportanceResult.to_dict()`` returns."""
