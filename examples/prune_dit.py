@@ -52,7 +52,7 @@ from diffusers_entprune.data import (
     vae_scale_factor,
 )
 from diffusers_entprune.embedded import TINY_DIT_DIR
-from diffusers_entprune.export import load_id2label, save_pruned_pipeline
+from diffusers_entprune.export import check_output_dir, load_id2label, save_pruned_pipeline
 from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import CEDOptions, compute_ced
 from diffusers_entprune.lora import add_lora, merge_lora
@@ -226,15 +226,9 @@ def resolve_resume_path(args) -> str | None:
 
 
 def check_output_dir_for_fresh_run(args) -> None:
-    if os.path.isfile(args.output_dir):
-        raise ValueError(f"`--output_dir`={args.output_dir!r} is a file; pass a folder.")
-    if not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
-        return
-    if not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"`--output_dir`={args.output_dir!r} already holds files. Continue that run with "
-            "`--resume_from_checkpoint latest`, choose another folder, or pass `--overwrite_output_dir`.")
-    for path in list_checkpoints(args.output_dir):  # stale checkpoints would be picked up by "latest"
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir",
+                     hint="Continue that run with `--resume_from_checkpoint latest`. ")
+    for path in list_checkpoints(args.output_dir):  # with --overwrite_output_dir: "latest" must not find old ones
         shutil.rmtree(path)
 
 
@@ -342,11 +336,10 @@ def main(argv=None):
     num_classes = transformer.config.num_embeds_ada_norm
     objective = DiffusionObjective.from_scheduler(
         scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
-    resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(vae)
-    if resolution != transformer.config.sample_size * vae_scale_factor(vae):
-        raise ValueError(f"`--resolution`={resolution} does not match the model: its latents are "
-                         f"{transformer.config.sample_size} wide, i.e. "
-                         f"{transformer.config.sample_size * vae_scale_factor(vae)} px. Drop `--resolution`.")
+    resolution = transformer.config.sample_size * vae_scale_factor(vae)
+    if args.resolution not in (None, resolution):
+        raise ValueError(f"`--resolution`={args.resolution} does not match the model: its latents are "
+                         f"{transformer.config.sample_size} wide, i.e. {resolution} px. Drop `--resolution`.")
 
     dataset, dataset_name = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
                                                      args.dataset_config_name, args.streaming, args.cache_dir)

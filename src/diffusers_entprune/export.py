@@ -24,14 +24,15 @@ from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 REPORT_NAME = "entprune_report.json"
 
 
-def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "output_dir") -> None:
-    """Fail before any heavy work if ``output_dir`` cannot receive a new model folder."""
+def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "output_dir", hint: str = "") -> None:
+    """Fail before any heavy work if ``output_dir`` cannot receive a new model folder (``hint``: another way out,
+    added to the message when the folder is taken)."""
     if os.path.isfile(output_dir):
         raise ValueError(f"`{argument}`={output_dir!r} is a file; pass a folder path.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise FileExistsError(
-            f"`{argument}`={output_dir!r} already holds files (a different model?). Choose another folder or pass "
-            "`overwrite=True` (`--overwrite_output_dir` on the command line) to replace it."
+            f"`{argument}`={output_dir!r} already holds files (a different model?). {hint}Choose another folder or "
+            "pass `overwrite=True` (`--overwrite_output_dir` on the command line) to replace it."
         )
     parent = os.path.dirname(os.path.abspath(output_dir))
     probe = parent
