@@ -59,6 +59,27 @@ def test_ode_samplers_converge_to_the_exact_flow_heun_faster_than_euler():
     assert errors["heun", 20] < errors["euler", 20] / 10
 
 
+def test_adaptive_dopri5_meets_its_tolerance_and_beats_heun_per_model_evaluation():
+    pipe, exact = pipeline(), exact_endpoint()
+
+    def run(**tolerances):
+        x = pipe(class_labels=[0] * 256, guidance_scale=1.0, sampler="dopri5", output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **tolerances).images
+        return (x - exact).abs().mean().item(), pipe.num_model_evaluations
+
+    heun_error, heun_evaluations = (sample(pipe, "heun", 20) - exact).abs().mean().item(), pipe.num_model_evaluations
+    assert heun_evaluations == 39  # 19 two-evaluation steps and a final Euler step
+    # measured: SiT's tolerances (1e-6 / 1e-3) 0.0038 in 20 evaluations; rtol 1e-4 1.8e-5 in 32; 1e-8 / 1e-6 2e-7 in 74
+    loose, loose_evaluations = run()
+    tight, tight_evaluations = run(atol=1e-6, rtol=1e-4)
+    tighter, tighter_evaluations = run(atol=1e-8, rtol=1e-6)
+    assert loose < 0.01 and tight < 1e-4 and tighter < 1e-6
+    assert loose_evaluations < tight_evaluations < tighter_evaluations  # the tolerance sets the cost
+    assert tight_evaluations < heun_evaluations and tight < heun_error / 20
+    with pytest.raises(RuntimeError, match="max_num_steps"):
+        run(atol=1e-12, rtol=1e-12, max_num_steps=5)
+
+
 def test_sde_sampler_reaches_the_data_distribution():
     pipe = pipeline()
     x = sample(pipe, "sde", 250, n=1024)  # 16,384 values per channel
