@@ -1,4 +1,4 @@
-"""Train the embedded tiny DiT base on the *pretraining* style of the embedded digits.
+"""Train the embedded tiny DiT (or SiT) base on the *pretraining* style of the embedded digits.
 
 The model mirrors DiT-XL/2's design at toy scale: a class-conditional `DiTTransformer2DModel` with 12 blocks,
 hidden size 96 (4 heads of 24), patch size 2 on 8x8x4 latents, learned sigma (8 output channels), 1000 label
@@ -8,6 +8,11 @@ per sample, the hybrid eps-MSE + variational-bound loss, AdamW at a constant 1e-
 a tiny model trained for minutes needs more), and an EMA of the weights (decay 0.999 with warm-up), which is what
 ships. The latents are posterior means of the tiny VAE on the training images
 shifted by -2, 0 or +2 pixels in each direction (9 views per image), times the VAE's scaling factor.
+
+With ``--model_type sit`` the same backbone is trained as SiT is: the linear flow interpolant with velocity
+prediction (`FlowObjective`), t ~ U[0, 1] fed raw to the transformer, 8 output channels of which only the first 4
+are trained (SiT keeps DiT's learned-sigma head and ignores it), no variational bound; it is evaluated and saved
+as a `SiTPipeline` (ODE Euler, 50 steps, for the evaluation).
 
 Every ``--eval_steps`` steps the EMA model samples ``--num_eval_samples`` images (DDIM, 50 steps, guidance 4,
 fixed seed); the digit classifier (trained on real images only) reports the share assigned to the requested class,
@@ -19,7 +24,12 @@ Reproduce (run in the background; the shipped base used exactly this command):
     python scripts/train_tiny_dit.py --vae_dir build/tiny-vae --output_dir build/tiny-dit-digits \
         --seed 0 --max_train_minutes 85
 
-then copy ``build/tiny-dit-digits`` to ``src/diffusers_entprune/assets/tiny-dit-digits``. Seed, step count,
+then copy ``build/tiny-dit-digits`` to ``src/diffusers_entprune/assets/tiny-dit-digits``. The SiT base:
+
+    python scripts/train_tiny_dit.py --model_type sit --vae_dir build/tiny-vae --output_dir build/tiny-sit-digits \
+        --seed 0 --max_train_minutes 45
+
+copied to ``src/diffusers_entprune/assets/tiny-sit-digits``. Seed, step count,
 training time and the measured class accuracy are written to ``training_info.json`` in the output folder.
 """
 
@@ -31,13 +41,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
 from diffusers_entprune.classifier import class_fidelity, load_digits_classifier
 from diffusers_entprune.embedded import digits_to_tensors, load_digits_dataset
 from diffusers_entprune.export import staged_output_dir
 from diffusers_entprune.models.initialization import initialize_dit_weights
-from diffusers_entprune.objectives import DiffusionObjective
+from diffusers_entprune.objectives import DiffusionObjective, FlowObjective
+from diffusers_entprune.pipelines import SiTPipeline
 
 NULL_CLASS = 1000
 
@@ -59,6 +70,15 @@ def dit_scheduler() -> DDIMScheduler:
     # DiT's schedule: 1000 linear betas from 1e-4 to 0.02; no sample clipping, since these are latents.
     return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                          clip_sample=False, set_alpha_to_one=True)
+
+
+def build_pipeline(model_type: str, transformer, vae, id2label):
+    if model_type == "sit":
+        return SiTPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           id2label=id2label)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=dit_scheduler(), id2label=id2label)
+    pipe.register_to_config(id2label=id2label)  # DiTPipeline saves id2label only when registered
+    return pipe
 
 
 def shifted_views(images: torch.Tensor, shift: int) -> torch.Tensor:
@@ -86,6 +106,7 @@ def save_pipeline_atomically(pipe: DiTPipeline, output_dir: str, info: dict):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_type", choices=("dit", "sit"), default="dit")
     parser.add_argument("--vae_dir", default="build/tiny-vae")
     parser.add_argument("--output_dir", default="build/tiny-dit-digits")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,8 +140,10 @@ def main():
     print(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters "
           f"({sum(p.numel() for p in untied_copy(model).parameters()) / 1e6:.2f}M in diffusers format)", flush=True)
 
-    scheduler = dit_scheduler()
-    objective = DiffusionObjective.from_scheduler(scheduler, learn_sigma=True)
+    if args.model_type == "sit":
+        objective = FlowObjective(learn_sigma=True)
+    else:
+        objective = DiffusionObjective.from_scheduler(dit_scheduler(), learn_sigma=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.lr_warmup_steps))
     classifier = load_digits_classifier()
@@ -151,15 +174,15 @@ def main():
             print(f"step {step} loss {loss.item():.4f} ({(time.time() - start) / step:.3f} s/step)", flush=True)
         done = step >= args.max_train_steps or (time.time() - start) >= args.max_train_minutes * 60
         if step % args.eval_steps == 0 or done:
-            pipe = DiTPipeline(transformer=untied_copy(ema), vae=vae, scheduler=dit_scheduler(), id2label=id2label)
-            pipe.register_to_config(id2label=id2label)  # DiTPipeline saves id2label only when registered
+            pipe = build_pipeline(args.model_type, untied_copy(ema), vae, id2label)
             acc = class_fidelity(pipe, classifier, args.num_eval_samples, guidance_scale=4.0,
                                  batch_size=args.num_eval_samples)["class_accuracy"]
             history.append({"step": step, "minutes": round((time.time() - start) / 60, 1), "loss": loss.item(),
                             "class_accuracy_cfg4": acc})
             print(f"eval {history[-1]}", flush=True)
+            sampler_name = "euler" if args.model_type == "sit" else "ddim"
             info = {"command_args": vars(args), "train_steps": step, "train_minutes": history[-1]["minutes"],
-                    "class_accuracy_cfg4_ddim50": acc, "history": history}
+                    f"class_accuracy_cfg4_{sampler_name}50": acc, "history": history}
             pipe.transformer.to(torch.float16)
             pipe.vae.to(torch.float16)
             save_pipeline_atomically(pipe, args.output_dir, info)
