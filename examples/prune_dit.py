@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Fine-tune a pretrained DiT on a downstream dataset while pruning whole transformer blocks (EntPruner).
+"""Fine-tune a pretrained DiT or SiT on a downstream dataset while pruning whole transformer blocks (EntPruner).
 
     # the embedded default: tiny digits DiT and the bundled downstream digits, a few minutes on a laptop CPU
     accelerate launch examples/prune_dit.py
+    # the same with the embedded tiny SiT (flow model); examples/prune_sit.py is this script with --model_type sit
+    accelerate launch examples/prune_dit.py --model_type sit
 
     # the real thing
     accelerate launch examples/prune_dit.py \
@@ -17,10 +19,15 @@ and ZiCo); the chosen blocks leave the model, its optimizer state and its EMA, a
 smaller model. The last stage always meets ``--target_prune_ratio``. ``--pruning_mode fixed`` and ``one_shot`` are
 the schedules to compare against.
 
-The output folder is a plain `DiTPipeline` (EMA weights with ``--use_ema``) that diffusers loads without this
-package, with ``entprune_report.json`` (every decision, the CED scores, the measured sampling speedup), ``ced.png``,
-``samples.png`` (original vs pruned, same seeds), validation grids, a model card, and the ``checkpoint-*`` folders
-that ``--resume_from_checkpoint latest`` continues from (same architecture, same schedule).
+A SiT (a `SiTPipeline` folder, e.g. made by ``entprune convert --model_type sit``) is trained with the flow objective
+(velocity MSE on the linear interpolant); CED is measured on its velocity prediction and the proxies on the flow
+loss; validation grids and the speed comparison use ``--sampler``. The family is read from the folder's
+``model_index.json``.
+
+The output folder is a plain `DiTPipeline` (a `SiTPipeline` for SiT; EMA weights with ``--use_ema``) that diffusers
+loads without this package, with ``entprune_report.json`` (every decision, the CED scores, the measured sampling
+speedup), ``ced.png``, ``samples.png`` (original vs pruned, same seeds), validation grids, a model card, and the
+``checkpoint-*`` folders that ``--resume_from_checkpoint latest`` continues from (same architecture, same schedule).
 """
 
 import argparse
@@ -35,7 +42,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers import DiTPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -51,13 +57,13 @@ from diffusers_entprune.data import (
     training_dataloader,
     vae_scale_factor,
 )
-from diffusers_entprune.embedded import TINY_DIT_DIR
 from diffusers_entprune.export import check_output_dir, load_id2label, save_pruned_pipeline
 from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import CEDOptions, compute_ced
 from diffusers_entprune.lora import add_lora, merge_lora
+from diffusers_entprune.model_types import MODEL_TYPES, detect_model_type, embedded_base, objective_for, pipeline_class
 from diffusers_entprune.models import EntPrunedTransformer2DModel
-from diffusers_entprune.objectives import DiffusionObjective
+from diffusers_entprune.pipelines.pipeline_sit import SAMPLERS
 from diffusers_entprune.plotting import plot_stage_scores, sample_grid
 from diffusers_entprune.proxies import score_candidates
 from diffusers_entprune.speed import compare_sampling_speed
@@ -66,15 +72,17 @@ from diffusers_entprune.training_state import prune_training_state, reprepare_mo
 logger = get_logger(__name__)
 
 STATE_NAME = "entprune_state.json"  # pruning state saved in every checkpoint folder
-EMBEDDED = "embedded:tiny-dit-digits"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=None,
-                       help="DiT pipeline folder or Hub id, e.g. facebook/DiT-XL-2-256 (default: the embedded tiny "
-                            "digits DiT).")
+                       help="DiT or SiT pipeline folder or Hub id, e.g. facebook/DiT-XL-2-256 (default: the embedded "
+                            "tiny digits DiT, or SiT with --model_type sit).")
+    model.add_argument("--model_type", choices=MODEL_TYPES, default=None,
+                       help="dit (DDPM, DiTPipeline) or sit (flow, SiTPipeline). Default: read from the pipeline "
+                            "folder's model_index.json; dit for the embedded base.")
     model.add_argument("--revision", default=None)
 
     data = parser.add_argument_group("data (default: the embedded downstream digits)")
@@ -94,7 +102,7 @@ def parse_args(argv=None):
     data.add_argument("--cache_dir", default=None, help="`datasets` cache folder.")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="dit-pruned")
+    train.add_argument("--output_dir", default=None, help="Default: dit-pruned or sit-pruned.")
     train.add_argument("--overwrite_output_dir", action="store_true",
                        help="Start afresh in a non-empty output_dir (its old checkpoints are removed).")
     train.add_argument("--seed", type=int, default=0)
@@ -135,6 +143,8 @@ def parse_args(argv=None):
                        help="Classes of the validation grid (default: the first 8).")
     train.add_argument("--guidance_scale", type=float, default=4.0)
     train.add_argument("--num_inference_steps", type=int, default=50)
+    train.add_argument("--sampler", choices=SAMPLERS, default=None,
+                       help="SiT only: the SiTPipeline sampler for validation, samples and timing (default euler).")
 
     prune = parser.add_argument_group("pruning")
     target = prune.add_mutually_exclusive_group()
@@ -198,7 +208,31 @@ def parse_args(argv=None):
         parser.error(f"--pruning_steps {args.pruning_steps} exceeds --max_train_steps {args.max_train_steps}.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error("--class_dropout_prob must lie in [0, 1).")
+    if args.num_inference_steps < 1:
+        parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}.")
     return args
+
+
+def resolve_model_type(args) -> None:
+    """Fill in --model_type from the pipeline folder (it must agree when given), then the defaults that follow."""
+    if args.pretrained_model_name_or_path is not None:
+        found = detect_model_type(args.pretrained_model_name_or_path, revision=args.revision)
+        if args.model_type not in (None, found):
+            raise ValueError(f"`--model_type`={args.model_type!r} does not match --pretrained_model_name_or_path "
+                             f"{args.pretrained_model_name_or_path!r}, which is a {found} pipeline. "
+                             "Drop `--model_type`.")
+        args.model_type = found
+    args.model_type = args.model_type or "dit"
+    if args.sampler is not None and args.model_type == "dit":
+        raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
+    if args.model_type == "sit" and args.sampler is None:
+        args.sampler = "euler"
+    args.output_dir = args.output_dir or f"{args.model_type}-pruned"
+
+
+def sampler_kwargs(args) -> dict:
+    """Extra pipeline-call arguments: the SiT sampler."""
+    return {"sampler": args.sampler} if args.model_type == "sit" else {}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -264,12 +298,13 @@ def save_checkpoint(accelerator, args, global_step: int, controller, stage_times
 def sample_images(transformer, vae, scheduler, class_labels, args):
     was_training = transformer.training
     transformer.eval()
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe = pipeline_class(args.model_type)(transformer=transformer, vae=vae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     # under mixed precision the VAE is half precision and the transformer float32: autocast lets them meet
     with torch.autocast(vae.device.type, dtype=vae.dtype, enabled=vae.dtype != torch.float32):
         images = pipe(class_labels=class_labels, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, generator=torch.manual_seed(args.seed)).images
+                      guidance_scale=args.guidance_scale, generator=torch.manual_seed(args.seed),
+                      **sampler_kwargs(args)).images
     transformer.train(was_training)
     return images
 
@@ -302,6 +337,7 @@ def build_ced_pool(dataset, vae, resolution, args, num_classes):
 
 def main(argv=None):
     args = parse_args(argv)
+    resolve_model_type(args)
     if args.push_to_hub:
         check_can_push()
     resume_path = resolve_resume_path(args)
@@ -326,16 +362,16 @@ def main(argv=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # ---- model, data, objective
-    source = args.pretrained_model_name_or_path or TINY_DIT_DIR
-    source_name = args.pretrained_model_name_or_path or EMBEDDED
+    embedded_name, embedded_dir = embedded_base(args.model_type)
+    source = args.pretrained_model_name_or_path or embedded_dir
+    source_name = args.pretrained_model_name_or_path or embedded_name
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
-    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision)
+    pipe = pipeline_class(args.model_type).from_pretrained(source, transformer=transformer, revision=args.revision)
     vae, scheduler = pipe.vae.to(device, dtype=weight_dtype).eval(), pipe.scheduler
     vae.requires_grad_(False)
     id2label = load_id2label(source, revision=args.revision)
     num_classes = transformer.config.num_embeds_ada_norm
-    objective = DiffusionObjective.from_scheduler(
-        scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
+    objective = objective_for(args.model_type, transformer.config, scheduler)
     resolution = transformer.config.sample_size * vae_scale_factor(vae)
     if args.resolution not in (None, resolution):
         raise ValueError(f"`--resolution`={args.resolution} does not match the model: its latents are "
@@ -407,7 +443,7 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("entprune-dit", config=tracker_config)
+        accelerator.init_trackers(f"entprune-{args.model_type}", config=tracker_config)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Pruning {source_name} on {dataset_name}: {transformer.original_num_layers} blocks -> "
                 f"{transformer.original_num_layers - num_to_prune}, {args.pruning_mode} schedule, decisions at steps "
@@ -539,7 +575,7 @@ def main(argv=None):
     close_stage_timing()
     progress.close()
 
-    # ---- export: EMA weights, LoRA merged, a plain DiTPipeline folder beside the checkpoints
+    # ---- export: EMA weights, LoRA merged, a plain DiTPipeline (or SiTPipeline) folder beside the checkpoints
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         check_processes_agree(accelerator, accelerator.unwrap_model(model))
@@ -604,7 +640,8 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
                                                            revision=args.revision).to(device).eval()
     labels = validation_labels(args, transformer)
     report = {
-        "source": source_name, "dataset": dataset_name, "pruning_mode": args.pruning_mode,
+        "source": source_name, "dataset": dataset_name, "model_type": args.model_type,
+        "pruning_mode": args.pruning_mode,
         "pruned_by": {"method": f"EntPruner ({args.pruning_mode} schedule, CED ranking)",
                       "stages": len(controller.decisions), "train_steps": args.max_train_steps,
                       "dataset": dataset_name},
@@ -618,14 +655,15 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
                                                    "proxy_batch_size", "zico_num_batches", "zico_reduction")},
     }
     if args.speed_batch_size:
-        original_pipe = DiTPipeline(transformer=original, vae=vae, scheduler=scheduler)
-        pruned_pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+        pipeline_cls = pipeline_class(args.model_type)
+        original_pipe = pipeline_cls(transformer=original, vae=vae, scheduler=scheduler)
+        pruned_pipe = pipeline_cls(transformer=transformer, vae=vae, scheduler=scheduler)
         for p in (original_pipe, pruned_pipe):
             p.set_progress_bar_config(disable=True)
         speed_labels = [labels[i % len(labels)] for i in range(args.speed_batch_size)]
         report["sampling_speed"] = compare_sampling_speed(
             original_pipe, pruned_pipe, speed_labels, args.num_inference_steps, args.guidance_scale,
-            repeats=args.speed_repeats)
+            repeats=args.speed_repeats, **sampler_kwargs(args))
         logger.info(f"Sampling speedup {report['sampling_speed']['speedup']:.2f}x "
                     f"(FLOPs ratio {report['sampling_speed']['flops_ratio']:.2f}x)")
 
@@ -636,7 +674,7 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         save_pruned_pipeline(folder, transformer, vae, scheduler, id2label=id2label, report=report,
                              dtype=torch.float16 if args.save_fp16 else None,
-                             repo_id=repo_id if args.push_to_hub else None)
+                             repo_id=repo_id if args.push_to_hub else None, model_type=args.model_type)
         plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
         before = sample_images(original, vae, scheduler, labels, args)
         after = sample_images(transformer, vae, scheduler, labels, args)

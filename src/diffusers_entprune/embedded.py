@@ -8,6 +8,8 @@ no network. The dataset is read through `datasets` exactly as a user's parquet d
   ``scripts/build_digits_dataset.py``.
 - ``tiny-dit-digits``: a `DiTPipeline` (12-block class-conditional DiT with learned sigma, a tiny `AutoencoderKL`,
   `DDIMScheduler`) trained on the ``pretrain`` style only. See ``scripts/train_tiny_dit.py``.
+- ``tiny-sit-digits``: a `SiTPipeline` with the same backbone and VAE, trained as SiT is (linear flow interpolant,
+  velocity prediction) on the ``pretrain`` style. See ``scripts/train_tiny_dit.py --model_type sit``.
 - ``digits-classifier``: a small CNN trained on real images of both styles, used to measure class fidelity of
   samples. See ``scripts/train_digits_classifier.py``.
 """
@@ -17,6 +19,7 @@ import os
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DIGITS_DIR = os.path.join(ASSETS_DIR, "digits")
 TINY_DIT_DIR = os.path.join(ASSETS_DIR, "tiny-dit-digits")
+TINY_SIT_DIR = os.path.join(ASSETS_DIR, "tiny-sit-digits")
 DIGITS_CLASSIFIER_DIR = os.path.join(ASSETS_DIR, "digits-classifier")
 
 DIGITS_STYLES = ("pretrain", "downstream")
@@ -47,8 +50,15 @@ def digits_to_tensors(dataset):
     return images, labels
 
 
-def load_embedded_pipeline():
-    """The tiny pretrained `DiTPipeline` that ships with the package (stored in float16; diffusers loads float32)."""
+def load_embedded_pipeline(model_type: str = "dit"):
+    """The tiny pretrained `DiTPipeline` (``"dit"``) or `SiTPipeline` (``"sit"``) that ships with the package (stored
+    in float16; diffusers loads float32)."""
+    if model_type == "sit":
+        from .pipelines import SiTPipeline
+
+        return SiTPipeline.from_pretrained(TINY_SIT_DIR)
+    if model_type != "dit":
+        raise ValueError(f"`model_type` must be 'dit' or 'sit', got {model_type!r}.")
     from diffusers import DiTPipeline
 
     return DiTPipeline.from_pretrained(TINY_DIT_DIR)

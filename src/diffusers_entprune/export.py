@@ -1,7 +1,8 @@
-"""Write a pruned model as a plain diffusers `DiTPipeline` folder, safely.
+"""Write a pruned model as a plain diffusers `DiTPipeline` (or a `SiTPipeline`) folder, safely.
 
 The folder holds only diffusers classes (`DiTTransformer2DModel`, `AutoencoderKL`, the scheduler), so
-``DiTPipeline.from_pretrained(folder)`` works where this package is not installed. Beside ``model_index.json``,
+``DiTPipeline.from_pretrained(folder)`` works where this package is not installed (a SiT folder needs this
+package's `SiTPipeline` to sample, but its transformer loads with diffusers alone). Beside ``model_index.json``,
 ``entprune_report.json`` records which original blocks were kept, and ``README.md`` is a model card. The folder
 is written under a temporary name and renamed into place, so an interrupted save never leaves a half-written
 folder under ``output_dir``.
@@ -19,6 +20,7 @@ from diffusers import DiTPipeline, DiTTransformer2DModel
 
 from . import __version__
 from .hub import write_model_card
+from .model_types import pipeline_class
 from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 
 REPORT_NAME = "entprune_report.json"
@@ -104,8 +106,10 @@ def save_pruned_pipeline(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     repo_id: str | None = None,
+    model_type: str = "dit",
 ) -> str:
-    """Save ``transformer`` (pruned or not) with ``vae`` and ``scheduler`` as a `DiTPipeline` folder.
+    """Save ``transformer`` (pruned or not) with ``vae`` and ``scheduler`` as a `DiTPipeline` folder (``model_type``
+    ``"dit"``) or a `SiTPipeline` folder (``"sit"``).
 
     Args:
         output_dir: destination folder; must be empty or absent unless ``overwrite``.
@@ -118,6 +122,7 @@ def save_pruned_pipeline(
     Returns the output folder.
     """
     check_output_dir(output_dir, overwrite)
+    pipeline_cls = pipeline_class(model_type)
     if isinstance(transformer, EntPrunedTransformer2DModel):
         plain = transformer.to_dit_transformer(share_weights=True)
     elif isinstance(transformer, DiTTransformer2DModel):
@@ -128,12 +133,13 @@ def save_pruned_pipeline(
         plain, vae = _copy_to_dtype(plain, dtype), _copy_to_dtype(vae, dtype)
 
     with staged_output_dir(output_dir) as tmp:
-        pipe = DiTPipeline(transformer=plain, vae=vae, scheduler=scheduler, id2label=id2label)
+        pipe = pipeline_cls(transformer=plain, vae=vae, scheduler=scheduler, id2label=id2label)
         if id2label is not None:
             pipe.register_to_config(id2label={int(k): v for k, v in id2label.items()})
         pipe.save_pretrained(tmp)
         _verify_saved_transformer(tmp, plain.config.num_layers)
-        full_report = pruning_report(transformer, report)
+        full_report = pruning_report(transformer, {"model_type": model_type, "pipeline": pipeline_cls.__name__,
+                                                   **(report or {})})
         with open(os.path.join(tmp, REPORT_NAME), "w") as f:
             json.dump(full_report, f, indent=2)
         write_model_card(tmp, full_report, repo_id=repo_id)

@@ -10,15 +10,13 @@ CARD_TEMPLATE = """---
 
 # {title}
 
-A depth-pruned [DiT](https://huggingface.co/papers/2212.09748) made with diffusers-entprune
-(EntPruner, [arXiv 2511.21122](https://arxiv.org/abs/2511.21122)).
-It is a plain diffusers `DiTPipeline`: nothing beyond diffusers is needed to use it.
+{intro}
 
 ```python
 import torch
-from diffusers import DiTPipeline
+{import_line}
 
-pipe = DiTPipeline.from_pretrained("{repo_id}")
+pipe = {pipeline}.from_pretrained("{repo_id}")
 images = pipe(class_labels=[0], num_inference_steps=50, guidance_scale=4.0,
               generator=torch.manual_seed(0)).images
 ```
@@ -58,7 +56,7 @@ def _licence(base_model: str | None) -> tuple[str | None, str]:
 
 
 def _training_section(report: dict) -> str:
-    """Stage decisions and measured speed, when the folder comes from `examples/prune_dit.py`."""
+    """Stage decisions and measured speed, when the folder comes from `examples/prune_dit.py` (or prune_sit.py)."""
     lines = []
     stages = report.get("stages")
     if stages:
@@ -86,16 +84,33 @@ def _training_section(report: dict) -> str:
     return "\n".join(lines)
 
 
+INTROS = {
+    "DiTPipeline": ("A depth-pruned [DiT](https://huggingface.co/papers/2212.09748) made with diffusers-entprune "
+                    "(EntPruner, [arXiv 2511.21122](https://arxiv.org/abs/2511.21122)).\nIt is a plain diffusers "
+                    "`DiTPipeline`: nothing beyond diffusers is needed to use it.",
+                    "from diffusers import DiTPipeline"),
+    "SiTPipeline": ("A depth-pruned [SiT](https://huggingface.co/papers/2401.08740) made with diffusers-entprune "
+                    "(EntPruner, [arXiv 2511.21122](https://arxiv.org/abs/2511.21122)).\nIts transformer is a plain "
+                    "diffusers `DiTTransformer2DModel` trained as a flow (velocity prediction, t = 0 noise, t = 1 "
+                    "data); diffusers has no SiT sampler, so sampling uses `SiTPipeline` from diffusers-entprune "
+                    "(`sampler=\"euler\"`, `\"heun\"`, `\"dopri5\"` or `\"sde\"`).",
+                    "from diffusers_entprune import SiTPipeline"),
+}
+
+
 def write_model_card(folder: str, report: dict, repo_id: str | None = None) -> str:
     """Write ``README.md`` (a model card) into a pruned pipeline folder from its ``entprune_report.json`` data."""
     base_model = report.get("source")
     licence, licence_text = _licence(base_model)
+    pipeline = report.get("pipeline", "DiTPipeline")
+    intro, import_line = INTROS[pipeline]
     data = ModelCardData(library_name="diffusers", license=licence,
-                         tags=["diffusers", "DiTPipeline", "entprune", "pruned"],
+                         tags=["diffusers", pipeline, "entprune", "pruned"],
                          base_model=base_model if base_model and not base_model.startswith(("embedded:", "/"))
                          else None)
     card = ModelCard(CARD_TEMPLATE.format(
-        card_data=data.to_yaml(), title=f"{repo_id or os.path.basename(os.path.abspath(folder))}",
+        card_data=data.to_yaml(), intro=intro, import_line=import_line, pipeline=pipeline,
+        title=f"{repo_id or os.path.basename(os.path.abspath(folder))}",
         repo_id=repo_id or "path/to/this/folder", base_model=base_model or "unknown",
         num_layers=report["num_layers"], original_num_layers=report["original_num_layers"],
         kept=report["kept_block_indices"], pruned=report["pruned_block_indices"] or "none",

@@ -51,8 +51,9 @@ def synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def compare_sampling_speed(original_pipe, pruned_pipe, class_labels: list[int], num_inference_steps: int = 50,
-                           guidance_scale: float = 4.0, repeats: int = 3, warmup: int = 1) -> dict:
-    """Time full `DiTPipeline` calls (guidance doubles the batch; VAE decode included) of both pipelines.
+                           guidance_scale: float = 4.0, repeats: int = 3, warmup: int = 1, **call_kwargs) -> dict:
+    """Time full pipeline calls (`DiTPipeline` or `SiTPipeline`; guidance doubles the batch; VAE decode included) of
+    both pipelines; ``call_kwargs`` go to both calls (e.g. ``sampler="heun"``).
 
     Returns seconds per call (median), the speedup original / pruned, and the FLOPs ratio of one transformer
     forward at the batch the pipeline runs (twice the labels with guidance).
@@ -63,7 +64,7 @@ def compare_sampling_speed(original_pipe, pruned_pipe, class_labels: list[int], 
         synchronize(device)
         start = time.perf_counter()
         pipe(class_labels=class_labels, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-             generator=torch.manual_seed(0), output_type="np")
+             generator=torch.manual_seed(0), output_type="np", **call_kwargs)
         synchronize(device)
         return time.perf_counter() - start
 
@@ -81,7 +82,7 @@ def compare_sampling_speed(original_pipe, pruned_pipe, class_labels: list[int], 
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
                                                                                     "threads)",
         "batch_size": len(class_labels), "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale, "repeats": repeats,
+        "guidance_scale": guidance_scale, "repeats": repeats, **call_kwargs,
         "original_seconds": original, "pruned_seconds": pruned, "speedup": original / pruned,
         "flops_original": flops_original, "flops_pruned": flops_pruned, "flops_ratio": flops_original / flops_pruned,
     }

@@ -1,0 +1,63 @@
+"""The two model families this package prunes, and what tells them apart.
+
+DiT and SiT share one backbone, diffusers' `DiTTransformer2DModel`; they differ in how they were trained and how
+they are sampled:
+
+- ``dit``: DDPM with epsilon prediction (and learned sigma), sampled by diffusers' `DiTPipeline`;
+- ``sit``: the linear flow interpolant with velocity prediction, sampled by this package's `SiTPipeline`.
+
+A pipeline folder says which it is in ``model_index.json`` (``_class_name``), so scripts and commands can detect the
+family instead of asking for it.
+"""
+
+from .embedded import TINY_DIT_DIR, TINY_SIT_DIR
+from .objectives import DiffusionObjective, FlowObjective
+
+MODEL_TYPES = ("dit", "sit")
+PIPELINE_CLASS_NAMES = {"dit": "DiTPipeline", "sit": "SiTPipeline"}
+EMBEDDED_BASES = {"dit": ("embedded:tiny-dit-digits", TINY_DIT_DIR), "sit": ("embedded:tiny-sit-digits", TINY_SIT_DIR)}
+
+
+def check_model_type(model_type: str, argument: str = "model_type") -> str:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"`{argument}` must be one of {MODEL_TYPES}, got {model_type!r}.")
+    return model_type
+
+
+def pipeline_class(model_type: str):
+    """`DiTPipeline` for ``dit``, `SiTPipeline` for ``sit``."""
+    check_model_type(model_type)
+    if model_type == "sit":
+        from .pipelines import SiTPipeline
+
+        return SiTPipeline
+    from diffusers import DiTPipeline
+
+    return DiTPipeline
+
+
+def detect_model_type(pretrained_model_name_or_path: str, revision: str | None = None) -> str:
+    """``dit`` or ``sit``, from the ``_class_name`` in the pipeline folder's ``model_index.json``."""
+    from diffusers import DiffusionPipeline
+
+    class_name = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision).get("_class_name")
+    for model_type, name in PIPELINE_CLASS_NAMES.items():
+        if class_name == name:
+            return model_type
+    raise ValueError(f"{pretrained_model_name_or_path!r} is a {class_name} folder; this package prunes DiTPipeline "
+                     "and SiTPipeline folders. Convert an original DiT/SiT checkpoint with `entprune convert`.")
+
+
+def embedded_base(model_type: str) -> tuple[str, str]:
+    """(name for reports, folder) of the embedded tiny base of this family."""
+    return EMBEDDED_BASES[check_model_type(model_type)]
+
+
+def objective_for(model_type: str, transformer_config, scheduler=None):
+    """The training objective of the family; learned sigma when the head has twice the input channels."""
+    learn_sigma = transformer_config.out_channels == 2 * transformer_config.in_channels
+    if check_model_type(model_type) == "sit":
+        return FlowObjective(learn_sigma=learn_sigma)
+    if scheduler is None:
+        raise ValueError("A DiT objective needs the pipeline's scheduler (its betas).")
+    return DiffusionObjective.from_scheduler(scheduler, learn_sigma=learn_sigma)
