@@ -61,7 +61,7 @@ from diffusers_entprune.export import check_output_dir, load_id2label, save_prun
 from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import CEDOptions, compute_ced
 from diffusers_entprune.lora import add_lora, merge_lora
-from diffusers_entprune.model_types import MODEL_TYPES, detect_model_type, embedded_base, objective_for, pipeline_class
+from diffusers_entprune.model_types import MODEL_TYPES, objective_for, pipeline_class, resolve_source
 from diffusers_entprune.models import EntPrunedTransformer2DModel
 from diffusers_entprune.pipelines.pipeline_sit import SAMPLERS
 from diffusers_entprune.plotting import plot_stage_scores, sample_grid
@@ -215,14 +215,8 @@ def parse_args(argv=None):
 
 def resolve_model_type(args) -> None:
     """Fill in --model_type from the pipeline folder (it must agree when given), then the defaults that follow."""
-    if args.pretrained_model_name_or_path is not None:
-        found = detect_model_type(args.pretrained_model_name_or_path, revision=args.revision)
-        if args.model_type not in (None, found):
-            raise ValueError(f"`--model_type`={args.model_type!r} does not match --pretrained_model_name_or_path "
-                             f"{args.pretrained_model_name_or_path!r}, which is a {found} pipeline. "
-                             "Drop `--model_type`.")
-        args.model_type = found
-    args.model_type = args.model_type or "dit"
+    args.model_type, args.source, args.source_name = resolve_source(args.pretrained_model_name_or_path,
+                                                                    args.model_type, args.revision)
     if args.sampler is not None and args.model_type == "dit":
         raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
     if args.model_type == "sit" and args.sampler is None:
@@ -362,9 +356,7 @@ def main(argv=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # ---- model, data, objective
-    embedded_name, embedded_dir = embedded_base(args.model_type)
-    source = args.pretrained_model_name_or_path or embedded_dir
-    source_name = args.pretrained_model_name_or_path or embedded_name
+    source, source_name = args.source, args.source_name
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
     pipe = pipeline_class(args.model_type).from_pretrained(source, transformer=transformer, revision=args.revision)
     vae, scheduler = pipe.vae.to(device, dtype=weight_dtype).eval(), pipe.scheduler

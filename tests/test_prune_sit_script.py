@@ -78,3 +78,25 @@ def test_model_type_is_read_from_the_folder_and_contradictions_are_refused(tmp_p
     with pytest.raises(ValueError, match="--sampler.*SiT models only"):
         prune_sit.main(tiny_args(dit_source, tmp_path / "c", "--sampler", "heun"))
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_score_and_prune_commands_take_a_sit_folder(tmp_path, sit_source, capsys):
+    from diffusers_entprune.cli import main
+    from diffusers_entprune.embedded import DIGITS_DIR
+
+    code = main(["score", "--pretrained_model_name_or_path", sit_source, "--train_data_dir",
+                 os.path.join(DIGITS_DIR, "downstream"), "--num_samples", "16", "--batch_size", "8",
+                 "--output_dir", str(tmp_path / "scores")])
+    assert code == 0
+    scores = json.load(open(tmp_path / "scores" / "scores.json"))
+    assert scores["model_type"] == "sit" and sorted(scores["ranking"]) == list(range(6))
+    out = tmp_path / "pruned"
+    code = main(["prune", "--pretrained_model_name_or_path", sit_source, "--scores", str(tmp_path / "scores" /
+                 "scores.json"), "--num_prune", "2", "--output_dir", str(out), "--num_samples_per_row", "2",
+                 "--num_inference_steps", "2"])
+    assert code == 0
+    assert "reloaded with SiTPipeline.from_pretrained: max |difference| to the in-memory model = 0" in \
+        capsys.readouterr().out
+    report = json.load(open(out / "entprune_report.json"))
+    assert report["pipeline"] == "SiTPipeline" and report["pruned_block_indices"] == sorted(scores["ranking"][:2])
+    assert SiTPipeline.from_pretrained(out).transformer.config.num_layers == 4

@@ -8,6 +8,9 @@
     entprune convert --checkpoint DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --output_dir dit-xl
     entprune convert --checkpoint SiT-XL-2-256x256.pt --model_type sit --vae stabilityai/sd-vae-ft-ema --output_dir S
 
+``score`` and ``prune`` take DiT and SiT pipeline folders alike (the family is read from ``model_index.json``;
+``--model_type sit`` picks the embedded tiny SiT).
+
 ``score`` ranks the blocks of a DiT on a dataset (CED or a baseline metric) and writes ``scores.json`` and
 ``scores.png``.
 
@@ -23,12 +26,16 @@ import os
 import sys
 
 from .importance.baselines import BASELINE_METHODS
+from .model_types import MODEL_TYPES
 
 
 def _parse_prune_args(argv):
-    parser = argparse.ArgumentParser(prog="entprune prune", description="Remove DiT blocks and export a pipeline.")
+    parser = argparse.ArgumentParser(prog="entprune prune", description="Remove DiT/SiT blocks and export a pipeline.")
     parser.add_argument("--pretrained_model_name_or_path", default=None,
-                        help="DiT pipeline folder or Hub id (default: the embedded tiny digits base).")
+                        help="DiT or SiT pipeline folder or Hub id (default: the embedded tiny digits base).")
+    parser.add_argument("--model_type", choices=MODEL_TYPES, default=None,
+                        help="dit or sit; read from the folder's model_index.json (needed only to pick the embedded "
+                             "tiny SiT).")
     parser.add_argument("--revision", default=None)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--prune_blocks", type=int, nargs="+",
@@ -67,11 +74,10 @@ def _parse_prune_args(argv):
 def prune_command(argv) -> int:
     args = _parse_prune_args(argv)
     import torch
-    from diffusers import DiTPipeline
 
-    from .embedded import TINY_DIT_DIR
     from .export import check_output_dir, load_id2label, save_pruned_pipeline
     from .hub import check_can_push, push_pruned_pipeline
+    from .model_types import pipeline_class, resolve_source
     from .models import EntPrunedTransformer2DModel
     from .plotting import sample_grid
 
@@ -89,12 +95,13 @@ def prune_command(argv) -> int:
         prune_blocks = scores["ranking"][: args.num_prune]
         pruned_by = {"scores": os.path.abspath(args.scores), "method": scores.get("method"),
                      "num_prune": args.num_prune}
-    source = args.pretrained_model_name_or_path or TINY_DIT_DIR
+    model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
+    pipeline_cls = pipeline_class(model_type)
     transformer = EntPrunedTransformer2DModel.from_pretrained(
         source, subfolder="transformer", revision=args.revision
     ).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
+    pipe = pipeline_cls.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
     id2label = load_id2label(source, revision=args.revision)
     labels = args.class_labels or list(range(args.num_samples_per_row))
     if any(not 0 <= label < transformer.null_class_label for label in labels):
@@ -111,18 +118,18 @@ def prune_command(argv) -> int:
     save_pruned_pipeline(args.output_dir, transformer, pipe.vae, pipe.scheduler, id2label=id2label,
                          overwrite=args.overwrite_output_dir,
                          dtype=torch.float16 if args.save_fp16 else None,
-                         report={"source": str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
-                                 "pruned_by": pruned_by}, repo_id=repo_id)
+                         report={"source": source_name, "pruned_by": pruned_by}, repo_id=repo_id,
+                         model_type=model_type)
 
     # The saved folder must load with plain diffusers and reproduce the in-memory pruned model exactly.
-    reloaded = DiTPipeline.from_pretrained(args.output_dir).to(device)
+    reloaded = pipeline_cls.from_pretrained(args.output_dir).to(device)
     latents = torch.randn(2, transformer.config.in_channels, transformer.config.sample_size,
                           transformer.config.sample_size, generator=torch.Generator().manual_seed(args.seed))
     t, y = torch.tensor([10, 500]), torch.tensor([labels[0] if labels else 0, transformer.null_class_label])
     latents, t, y = latents.to(device), t.to(device), y.to(device)
     with torch.no_grad():
         difference = (reloaded.transformer.eval()(latents, t, y).sample - transformer(latents, t, y).sample).abs().max()
-    print("reloaded with DiTPipeline.from_pretrained: max |difference| to the in-memory model = "
+    print(f"reloaded with {pipeline_cls.__name__}.from_pretrained: max |difference| to the in-memory model = "
           f"{difference.item():.3g}")
 
     if args.num_samples_per_row:
@@ -140,9 +147,12 @@ METHODS = ("ced", *BASELINE_METHODS)
 
 
 def _parse_score_args(argv):
-    parser = argparse.ArgumentParser(prog="entprune score", description="Rank the transformer blocks of a DiT.")
+    parser = argparse.ArgumentParser(prog="entprune score", description="Rank the transformer blocks of a DiT or SiT.")
     parser.add_argument("--pretrained_model_name_or_path", default=None,
-                        help="DiT pipeline folder or Hub id (default: the embedded tiny digits base).")
+                        help="DiT or SiT pipeline folder or Hub id (default: the embedded tiny digits base).")
+    parser.add_argument("--model_type", choices=MODEL_TYPES, default=None,
+                        help="dit or sit; read from the folder's model_index.json (needed only to pick the embedded "
+                             "tiny SiT).")
     parser.add_argument("--revision", default=None)
     data = parser.add_argument_group("data (default: the embedded downstream digits)")
     data.add_argument("--dataset_name", default=None, help="A Hub dataset id or a path `datasets` can load.")
@@ -186,24 +196,23 @@ def score_command(argv) -> int:
     import time
 
     from accelerate import Accelerator
-    from diffusers import DiTPipeline
 
     from .data import LatentBatches, load_dataset_or_embedded, repeat_batches, shard_batches, vae_scale_factor
-    from .embedded import TINY_DIT_DIR
     from .export import check_output_dir, staged_output_dir
     from .importance import CEDOptions, baselines, compute_ced
+    from .model_types import objective_for, pipeline_class, resolve_source
     from .models import EntPrunedTransformer2DModel
-    from .objectives import DiffusionObjective
     from .plotting import plot_scores
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (statistics are summed)
     options = CEDOptions(variance=args.variance, signed=args.signed, per_class=not args.pooled,
                          timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets)
-    source = args.pretrained_model_name_or_path or TINY_DIT_DIR
+    model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
     device = accelerator.device
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
-    pipe = DiTPipeline.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
+    pipe = pipeline_class(model_type).from_pretrained(source, transformer=transformer, revision=args.revision)
+    pipe.to(device)
     transformer.eval()
     dataset, dataset_label = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
                                                       args.dataset_config_name, streaming=args.streaming)
@@ -212,8 +221,7 @@ def score_command(argv) -> int:
                             num_classes=transformer.config.num_embeds_ada_norm, cache_dir=args.latent_cache_dir)
     batches = shard_batches(repeat_batches(latents, args.num_samples), accelerator.process_index,
                             accelerator.num_processes)
-    objective = DiffusionObjective.from_scheduler(
-        pipe.scheduler, learn_sigma=transformer.config.out_channels == 2 * transformer.config.in_channels)
+    objective = objective_for(model_type, transformer.config, pipe.scheduler)
 
     start = time.time()
     def sum_over_processes(tensor):
@@ -237,7 +245,7 @@ def score_command(argv) -> int:
     else:
         result = baselines.loss_ablation_scores(transformer, objective, batches, args.num_samples, **common)
     scores = result.to_dict()
-    scores.update(pretrained_model_name_or_path=str(args.pretrained_model_name_or_path or "embedded:tiny-dit-digits"),
+    scores.update(pretrained_model_name_or_path=source_name, model_type=model_type,
                   dataset=dataset_label, split=args.split, resolution=resolution,
                   seconds=round(time.time() - start, 2), device=str(device), num_processes=accelerator.num_processes)
     if accelerator.is_main_process:

@@ -154,37 +154,32 @@ def transformer_from_original(state_dict: dict[str, torch.Tensor], num_attention
     return model.eval()
 
 
-MODEL_TYPES = ("dit", "sit")
-
-
 def convert_to_pipeline(checkpoint: str, vae, output_dir: str, model_type: str = "dit",
                         num_attention_heads: int | None = None, sample_size: int | None = None,
                         id2label: dict | None = None, overwrite: bool = False) -> str:
     """An original DiT or SiT checkpoint + a diffusers VAE -> a pipeline folder, written under a temporary name and
     renamed into place.
 
-    ``dit``: a `DiTPipeline` (DDIM with DiT's linear betas), through `save_pruned_pipeline` (verified, with a
-    report and a model card). ``sit``: a `SiTPipeline` (flow-matching Euler scheduler; Heun and SDE samplers are
-    options of its call).
+    ``dit``: a `DiTPipeline` (DDIM with DiT's linear betas); ``sit``: a `SiTPipeline` (flow-matching Euler
+    scheduler; Heun, dopri5 and SDE samplers are options of its call). Both go through `save_pruned_pipeline`
+    (weights read back and checked, with a report and a model card).
     """
-    from .export import check_output_dir, save_pruned_pipeline, staged_output_dir
+    from .export import check_output_dir, save_pruned_pipeline
+    from .model_types import check_model_type
 
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}.")
+    check_model_type(model_type)
     check_output_dir(output_dir, overwrite)
     model = transformer_from_original(load_original_state_dict(checkpoint), num_attention_heads, sample_size)
     if model.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"`vae` has {vae.config.latent_channels} latent channels but the checkpoint expects "
                          f"{model.config.in_channels}.")
+    report = {"source": checkpoint, "pruned_by": "not pruned: converted from an original checkpoint (timestep "
+              "features follow diffusers; see convert.py)"}
     if model_type == "sit":
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from .pipelines import SiTPipeline
-
-        with staged_output_dir(output_dir) as tmp:
-            SiTPipeline(transformer=model, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                        id2label=id2label).save_pretrained(tmp)
-        return output_dir
+        return save_pruned_pipeline(output_dir, model, vae, FlowMatchEulerDiscreteScheduler(), id2label=id2label,
+                                    overwrite=overwrite, report=report, model_type="sit")
     from diffusers import DDIMScheduler
 
     if model.config.num_embeds_ada_norm != 1000:
@@ -193,5 +188,4 @@ def convert_to_pipeline(checkpoint: str, vae, output_dir: str, model_type: str =
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               clip_sample=False)
     return save_pruned_pipeline(output_dir, model, vae, scheduler, id2label=id2label, overwrite=overwrite,
-                                report={"source": checkpoint, "pruned_by": "not pruned: converted from an original "
-                                        "checkpoint (timestep features follow diffusers; see convert.py)"})
+                                report=report)

@@ -11,7 +11,6 @@ family instead of asking for it.
 """
 
 from .embedded import TINY_DIT_DIR, TINY_SIT_DIR
-from .objectives import DiffusionObjective, FlowObjective
 
 MODEL_TYPES = ("dit", "sit")
 PIPELINE_CLASS_NAMES = {"dit": "DiTPipeline", "sit": "SiTPipeline"}
@@ -48,13 +47,27 @@ def detect_model_type(pretrained_model_name_or_path: str, revision: str | None =
                      "and SiTPipeline folders. Convert an original DiT/SiT checkpoint with `entprune convert`.")
 
 
-def embedded_base(model_type: str) -> tuple[str, str]:
-    """(name for reports, folder) of the embedded tiny base of this family."""
-    return EMBEDDED_BASES[check_model_type(model_type)]
+def resolve_source(pretrained_model_name_or_path: str | None, model_type: str | None = None,
+                   revision: str | None = None) -> tuple[str, str, str]:
+    """(model type, folder or Hub id to load, name for reports) of a command's base model.
+
+    Without a path, the embedded tiny base of ``model_type`` (default ``dit``). With one, the type is read from its
+    ``model_index.json``, and a ``model_type`` given as well must agree with it.
+    """
+    if pretrained_model_name_or_path is None:
+        name, folder = EMBEDDED_BASES[check_model_type(model_type or "dit", "--model_type")]
+        return model_type or "dit", folder, name
+    found = detect_model_type(pretrained_model_name_or_path, revision=revision)
+    if model_type not in (None, found):
+        raise ValueError(f"`--model_type`={model_type!r} does not match --pretrained_model_name_or_path "
+                         f"{pretrained_model_name_or_path!r}, which is a {found} pipeline. Drop `--model_type`.")
+    return found, pretrained_model_name_or_path, pretrained_model_name_or_path
 
 
 def objective_for(model_type: str, transformer_config, scheduler=None):
     """The training objective of the family; learned sigma when the head has twice the input channels."""
+    from .objectives import DiffusionObjective, FlowObjective  # torch: imported when needed (fast `--help`)
+
     learn_sigma = transformer_config.out_channels == 2 * transformer_config.in_channels
     if check_model_type(model_type) == "sit":
         return FlowObjective(learn_sigma=learn_sigma)
