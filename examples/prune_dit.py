@@ -666,7 +666,8 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         save_pruned_pipeline(folder, transformer, vae, scheduler, id2label=id2label, report=report,
                              dtype=torch.float16 if args.save_fp16 else None,
-                             repo_id=repo_id if args.push_to_hub else None, model_type=args.model_type)
+                             repo_id=repo_id if args.push_to_hub else None, model_type=args.model_type,
+                             title=repo_id)
         plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
         before = sample_images(original, vae, scheduler, labels, args)
         after = sample_images(transformer, vae, scheduler, labels, args)

@@ -61,6 +61,7 @@ def test_sit_pruning_end_to_end_uses_the_flow_objective_and_exports_a_sit_pipeli
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
     assert "SiTPipeline.from_pretrained" in card and "3 of 6 kept" in card
+    assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# out"  # titled after the output folder
 
     pipe = SiTPipeline.from_pretrained(out)
     assert type(pipe.transformer) is DiTTransformer2DModel and pipe.transformer.config.num_layers == 3

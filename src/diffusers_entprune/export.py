@@ -107,6 +107,7 @@ def save_pruned_pipeline(
     dtype: torch.dtype | None = None,
     repo_id: str | None = None,
     model_type: str = "dit",
+    title: str | None = None,
 ) -> str:
     """Save ``transformer`` (pruned or not) with ``vae`` and ``scheduler`` as a `DiTPipeline` folder (``model_type``
     ``"dit"``) or a `SiTPipeline` folder (``"sit"``).
@@ -118,6 +119,8 @@ def save_pruned_pipeline(
         dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size); the models
             passed in are never cast.
         repo_id: the Hub repository the folder is meant for, named in its model card (``README.md``).
+        title: the model card's title (default: ``repo_id``, else the name of ``output_dir``, not of the temporary
+            folder it is written in).
 
     Returns the output folder.
     """
@@ -142,7 +145,8 @@ def save_pruned_pipeline(
                                                    **(report or {})})
         with open(os.path.join(tmp, REPORT_NAME), "w") as f:
             json.dump(full_report, f, indent=2)
-        write_model_card(tmp, full_report, repo_id=repo_id)
+        write_model_card(tmp, full_report, repo_id=repo_id,
+                         title=title or repo_id or os.path.basename(os.path.abspath(output_dir)))
     return output_dir
 
 

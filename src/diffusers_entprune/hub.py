@@ -98,8 +98,9 @@ INTROS = {
 }
 
 
-def write_model_card(folder: str, report: dict, repo_id: str | None = None) -> str:
-    """Write ``README.md`` (a model card) into a pruned pipeline folder from its ``entprune_report.json`` data."""
+def write_model_card(folder: str, report: dict, repo_id: str | None = None, title: str | None = None) -> str:
+    """Write ``README.md`` (a model card) into a pruned pipeline folder from its ``entprune_report.json`` data.
+    ``title`` defaults to ``repo_id``, else the folder's name."""
     base_model = report.get("source")
     licence, licence_text = _licence(base_model)
     pipeline = report.get("pipeline", "DiTPipeline")
@@ -110,7 +111,7 @@ def write_model_card(folder: str, report: dict, repo_id: str | None = None) -> s
                          else None)
     card = ModelCard(CARD_TEMPLATE.format(
         card_data=data.to_yaml(), intro=intro, import_line=import_line, pipeline=pipeline,
-        title=f"{repo_id or os.path.basename(os.path.abspath(folder))}",
+        title=title or repo_id or os.path.basename(os.path.abspath(folder)),
         repo_id=repo_id or "path/to/this/folder", base_model=base_model or "unknown",
         num_layers=report["num_layers"], original_num_layers=report["original_num_layers"],
         kept=report["kept_block_indices"], pruned=report["pruned_block_indices"] or "none",
