@@ -59,11 +59,12 @@ def load_digits_classifier() -> DigitClassifier:
 @torch.no_grad()
 def class_fidelity(pipe, classifier: DigitClassifier | None = None, num_samples: int = 1000,
                    guidance_scale: float = 4.0, num_inference_steps: int = 50, seed: int = 0,
-                   batch_size: int = 250) -> dict:
+                   batch_size: int = 250, **call_kwargs) -> dict:
     """Share of class-conditional samples of ``pipe`` that ``classifier`` assigns to the requested class.
 
     Classes cycle 0..9 over the samples; one generator seeded with ``seed`` draws all batches in order. The sampling
-    settings are returned with the figure, because the figure means nothing without them.
+    settings are returned with the figure, because the figure means nothing without them. ``call_kwargs`` go to the
+    pipeline call (e.g. ``sampler="heun"`` for a `SiTPipeline`).
     """
     classifier = classifier or load_digits_classifier()
     num_classes = classifier.config.num_classes
@@ -72,7 +73,8 @@ def class_fidelity(pipe, classifier: DigitClassifier | None = None, num_samples:
     predictions = []
     for chunk in labels.split(batch_size):
         images = pipe(class_labels=chunk.tolist(), guidance_scale=guidance_scale,
-                      num_inference_steps=num_inference_steps, generator=generator, output_type="np").images
+                      num_inference_steps=num_inference_steps, generator=generator, output_type="np",
+                      **call_kwargs).images
         predictions.append(classifier.predict(images))
     correct = (torch.cat(predictions) == labels).float()
     return {
@@ -83,4 +85,5 @@ def class_fidelity(pipe, classifier: DigitClassifier | None = None, num_samples:
         "num_inference_steps": num_inference_steps,
         "scheduler": type(pipe.scheduler).__name__,
         "seed": seed,
+        **call_kwargs,
     }
