@@ -53,7 +53,7 @@ class SiTPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
 
     def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL,
-                 scheduler: FlowMatchEulerDiscreteScheduler, id2label: dict[int, str] | None = None):
+                 scheduler: FlowMatchEulerDiscreteScheduler, id2label: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         if id2label:  # kept in model_index.json, so from_pretrained hands the names back
