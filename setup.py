@@ -22,6 +22,7 @@ setup(
         "datasets>=2.19",
         "safetensors>=0.4",
         "evaluate>=0.4",
+        "torchmetrics>=1.4",  # FID, KID, Inception Score (with our feature networks; no torch-fidelity needed)
         "huggingface_hub>=0.23",
         "numpy",
         "pillow",

@@ -7,6 +7,8 @@
     entprune prune --pretrained_model_name_or_path facebook/DiT-XL-2-256 --prune_blocks ... --output_dir OUT
     entprune convert --checkpoint DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --output_dir dit-xl
     entprune convert --checkpoint SiT-XL-2-256x256.pt --model_type sit --vae stabilityai/sd-vae-ft-ema --output_dir S
+    entprune eval --pretrained_model_name_or_path tiny-pruned --num_samples 1000 --reference embedded:downstream \
+        --output_dir eval                                           # FID, KID, P/R, IS, sFID, class fidelity, speed
 
 ``score`` and ``prune`` take DiT and SiT pipeline folders alike (the family is read from ``model_index.json``;
 ``--model_type sit`` picks the embedded tiny SiT).
@@ -300,7 +302,146 @@ def convert_command(argv) -> int:
     return 0
 
 
-COMMANDS = {"score": score_command, "prune": prune_command, "convert": convert_command}
+EMBEDDED_REFERENCES = ("embedded:downstream", "embedded:pretrain")
+
+
+def _parse_eval_args(argv):
+    from .metrics.features import FEATURE_NETWORKS
+    from .pipelines.pipeline_sit import SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="entprune eval", description="Sample a DiT/SiT pipeline and measure FID, "
+                                     "KID, precision/recall, IS, sFID, class fidelity, latency and FLOPs.")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="DiT or SiT pipeline folder or Hub id (default: the embedded tiny base).")
+    parser.add_argument("--model_type", choices=MODEL_TYPES, default=None,
+                        help="Read from the folder's model_index.json (needed only to pick the embedded tiny SiT).")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--reference", default="embedded:downstream",
+                        help=f"Real images to compare with: {' or '.join(EMBEDDED_REFERENCES)}, a Hub dataset id, "
+                             "or a local imagefolder / parquet folder.")
+    parser.add_argument("--reference_split", default="test")
+    parser.add_argument("--reference_config_name", default=None)
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label", help='"none" for unlabelled reference images.')
+    parser.add_argument("--max_reference_images", type=int, default=None)
+    parser.add_argument("--feature_network", choices=FEATURE_NETWORKS, default=None,
+                        help="digits (the embedded classifier; default for the embedded references) or inception "
+                             "(FID's Inception-v3 through torchmetrics; needs torch-fidelity; default otherwise).")
+    parser.add_argument("--inception_weights", default=None,
+                        help="A local FID Inception weights file (pt_inception-2015-12-05), for offline use.")
+    parser.add_argument("--class_labels", type=int, nargs="+", default=None,
+                        help="Classes to sample, cycled (default: the classes present in the reference data).")
+    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="SiT only (default euler).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64, help="Samples per pipeline call.")
+    parser.add_argument("--latency_batch_size", type=int, default=8)
+    parser.add_argument("--latency_repeats", type=int, default=3, help="0: do not time.")
+    parser.add_argument("--num_grid_images", type=int, default=40, help="Samples in samples.png (0: none).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "batch_size", "latency_batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.num_samples < 4:
+        parser.error("--num_samples must be >= 4 (precision and recall need k + 1 samples, k = 3).")
+    for name in ("latency_repeats", "num_grid_images"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.max_reference_images is not None and args.max_reference_images < 4:
+        parser.error("--max_reference_images must be >= 4.")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}.")
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        parser.error(f"--inception_weights {args.inception_weights!r} is not a file.")
+    args.label_column = None if args.label_column.lower() == "none" else args.label_column
+    if args.reference.startswith("embedded:") and args.reference not in EMBEDDED_REFERENCES:
+        parser.error(f"--reference {args.reference!r} is not embedded data; use one of {EMBEDDED_REFERENCES}.")
+    if args.feature_network is None:
+        args.feature_network = "digits" if args.reference in EMBEDDED_REFERENCES else "inception"
+    return args
+
+
+def eval_command(argv) -> int:
+    args = _parse_eval_args(argv)
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from .evaluation import evaluate_pipeline
+    from .export import check_output_dir, staged_output_dir
+    from .metrics import load_feature_network
+    from .model_types import pipeline_class, resolve_source
+    from .plotting import sample_grid
+
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
+    if args.sampler is not None and model_type != "sit":
+        raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
+    feature_network = load_feature_network(args.feature_network, args.inception_weights)  # fails fast if missing
+    reference, reference_name = _load_reference(args)
+    for column in (args.image_column, args.label_column):
+        if column is not None and column not in reference.column_names:
+            argument = "--image_column" if column == args.image_column else "--label_column"
+            raise ValueError(f"`{argument}`={column!r} is not a column of the reference data; columns: "
+                             f"{reference.column_names}.")
+    if len(reference) < 4:
+        raise ValueError(f"`--reference` {args.reference!r} split {args.reference_split!r} has {len(reference)} "
+                         "images; at least 4 are needed.")
+
+    accelerator = Accelerator()  # one process, or several under `accelerate launch` (samples are sharded)
+    pipe = pipeline_class(model_type).from_pretrained(source, revision=args.revision).to(accelerator.device)
+    feature_network.to(accelerator.device)
+    call_kwargs = {"sampler": args.sampler or "euler"} if model_type == "sit" else {}
+
+    metrics, images = evaluate_pipeline(
+        pipe, reference, feature_network, num_samples=args.num_samples, seed=args.seed,
+        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
+        class_labels=args.class_labels, image_column=args.image_column, label_column=args.label_column,
+        max_reference_images=args.max_reference_images, latency_batch_size=args.latency_batch_size,
+        latency_repeats=args.latency_repeats, accelerator=accelerator, progress=accelerator.is_local_main_process,
+        **call_kwargs)
+    if accelerator.is_main_process:
+        metrics = {"pretrained_model_name_or_path": source_name, "model_type": model_type,
+                   "reference": {"dataset": reference_name, "split": args.reference_split,
+                                 "image_column": args.image_column, "label_column": args.label_column},
+                   **metrics}
+        with staged_output_dir(args.output_dir) as tmp:
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            if args.num_grid_images:
+                count = min(args.num_grid_images, len(images))
+                cols = min(10, count)
+                count = count // cols * cols  # full rows only
+                grid = (images[:count].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+                sample_grid([Image.fromarray(image) for image in grid], rows=count // cols).save(
+                    os.path.join(tmp, "samples.png"))
+        summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("fid", "kid_mean", "precision", "recall", "sfid",
+                                                              "inception_score_mean", "class_fidelity")
+                            if metrics.get(k) is not None)
+        print(f"{source_name}: {summary} ({args.num_samples} samples, {metrics['feature_network']} features)")
+        print(f"wrote {os.path.join(args.output_dir, 'metrics.json')}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _load_reference(args):
+    from .data import load_image_dataset
+    from .embedded import load_digits_dataset
+
+    if args.reference in EMBEDDED_REFERENCES:
+        style = args.reference.split(":")[1]
+        return load_digits_dataset(style, split=args.reference_split), f"embedded:digits/{style}"
+    local = os.path.isdir(args.reference)
+    dataset = load_image_dataset(None if local else args.reference, args.reference if local else None,
+                                 args.reference_split, args.reference_config_name)
+    return dataset, args.reference
+
+
+COMMANDS = {"score": score_command, "prune": prune_command, "convert": convert_command, "eval": eval_command}
 
 
 def main(argv=None) -> int:
