@@ -59,7 +59,7 @@ from diffusers_entprune.data import (
 )
 from diffusers_entprune.export import check_output_dir, load_id2label, save_pruned_pipeline
 from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
-from diffusers_entprune.importance import CEDOptions, compute_ced
+from diffusers_entprune.importance import RANKING_METHODS, CEDOptions, score_blocks
 from diffusers_entprune.lora import add_lora, merge_lora
 from diffusers_entprune.model_types import MODEL_TYPES, objective_for, pipeline_class, resolve_source
 from diffusers_entprune.models import EntPrunedTransformer2DModel
@@ -162,7 +162,13 @@ def parse_args(argv=None):
                        help="Stage boundaries are spread over the first N steps (default: half of max_train_steps).")
     prune.add_argument("--rank_once", action="store_true",
                        help="Rank the blocks by CED once at the start instead of at every stage.")
-    prune.add_argument("--ced_num_samples", type=int, default=1024, help="Fixed (x0, t, noise) draws for CED.")
+    prune.add_argument("--ranking", choices=RANKING_METHODS, default="ced",
+                       help="How blocks are ranked at each stage: ced (EntPruner) or a baseline to compare with "
+                            "(random, magnitude, taylor, block_influence, loss); see `entprune score`.")
+    prune.add_argument("--ranking_seed", type=int, default=None,
+                       help="Seed of the ranking's draws (and of the random ranking); default --seed.")
+    prune.add_argument("--ced_num_samples", type=int, default=1024,
+                       help="Fixed (x0, t, noise) draws for the ranking.")
     prune.add_argument("--ced_batch_size", type=int, default=64)
     prune.add_argument("--ced_variance", choices=["scalar", "channel", "diag"], default="channel")
     prune.add_argument("--proxy_batch_size", type=int, default=8,
@@ -210,6 +216,11 @@ def parse_args(argv=None):
         parser.error("--class_dropout_prob must lie in [0, 1).")
     if args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}.")
+    if args.use_lora and args.ranking == "taylor":
+        parser.error("--ranking taylor needs the gradients of the block weights, which --use_lora freezes; pick "
+                     "another --ranking or train without LoRA.")
+    if args.ranking_seed is None:
+        args.ranking_seed = args.seed
     return args
 
 
@@ -453,9 +464,10 @@ def main(argv=None):
 
             pool = shard_batches(zip(pool_latents.split(args.ced_batch_size), pool_labels.split(args.ced_batch_size)),
                                  accelerator.process_index, accelerator.num_processes)
-            result = compute_ced(unwrapped, objective, pool, args.ced_num_samples, ced_options, seed=args.seed,
-                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                                 reduce=sum_over_processes, progress=accelerator.is_local_main_process)
+            result = score_blocks(args.ranking, unwrapped, objective, pool, args.ced_num_samples,
+                                  seed=args.ranking_seed, ced_options=ced_options,
+                                  progress=accelerator.is_local_main_process, reduce=sum_over_processes,
+                                  process_index=accelerator.process_index, num_processes=accelerator.num_processes)
             ced_scores = dict(zip(result.block_indices, result.scores))
         state = [None]
         if accelerator.is_main_process:
@@ -634,7 +646,9 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
     report = {
         "source": source_name, "dataset": dataset_name, "model_type": args.model_type,
         "pruning_mode": args.pruning_mode,
-        "pruned_by": {"method": f"EntPruner ({args.pruning_mode} schedule, CED ranking)",
+        "ranking": args.ranking,
+        "pruned_by": {"method": f"EntPruner ({args.pruning_mode} schedule, CED ranking)" if args.ranking == "ced"
+                      else f"{args.pruning_mode} schedule, {args.ranking} ranking (a baseline)",
                       "stages": len(controller.decisions), "train_steps": args.max_train_steps,
                       "dataset": dataset_name},
         "kept_blocks": list(transformer.kept_block_indices),
@@ -643,7 +657,8 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         "training": {k: getattr(args, k) for k in ("max_train_steps", "train_batch_size", "learning_rate",
                                                    "lr_scheduler", "use_ema", "use_lora", "mixed_precision",
                                                    "class_dropout_prob", "seed", "pruning_stages", "pruning_steps",
-                                                   "rank_once", "ced_num_samples", "ced_variance",
+                                                   "rank_once", "ranking", "ranking_seed", "ced_num_samples",
+                                                   "ced_variance",
                                                    "proxy_batch_size", "zico_num_batches", "zico_reduction")},
     }
     if args.speed_batch_size:

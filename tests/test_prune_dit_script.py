@@ -264,3 +264,26 @@ def test_bf16_mixed_precision_trains_samples_and_exports_float32(tmp_path, sourc
     assert all(v.dtype == torch.float32 for v in weights(out).values())
     report = json.load(open(out / "entprune_report.json"))
     assert report["training"]["mixed_precision"] == "bf16" and report["sampling_speed"]["speedup"] > 0
+
+
+@pytest.mark.parametrize("ranking", ["magnitude", "random"])
+def test_baseline_rankings_drive_the_same_schedule(tmp_path, source_pipeline, ranking):  # noqa: F811
+    from diffusers_entprune.importance import magnitude_scores, random_scores
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+
+    out = tmp_path / "out"
+    prune_dit.main(tiny_args(source_pipeline, out, "--pruning_mode", "one_shot", "--ranking", ranking,
+                             "--ranking_seed", "7", "--validation_steps", "0", "--speed_batch_size", "0"))
+    report = json.load(open(out / "entprune_report.json"))
+    source = EntPrunedTransformer2DModel.from_pretrained(source_pipeline, subfolder="transformer")
+    expected = magnitude_scores(source) if ranking == "magnitude" else random_scores(source, seed=7)
+    assert report["ranking"] == ranking and report["training"]["ranking_seed"] == 7
+    assert report["stages"][0]["pruned_blocks"] == sorted(expected.ranking[:3])
+    assert report["stages"][0]["ced_scores"] == {str(k): v for k, v in zip(expected.block_indices, expected.scores)}
+    assert "baseline" in report["pruned_by"]["method"]
+
+
+def test_taylor_ranking_with_lora_is_refused(tmp_path, source_pipeline):  # noqa: F811
+    with pytest.raises(SystemExit):
+        prune_dit.main(tiny_args(source_pipeline, tmp_path / "out", "--ranking", "taylor", "--use_lora"))
+    assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from .importance.baselines import BASELINE_METHODS
+from .importance.ranking import RANKING_METHODS
 from .model_types import MODEL_TYPES
 
 
@@ -145,7 +145,7 @@ def prune_command(argv) -> int:
     return 0
 
 
-METHODS = ("ced", *BASELINE_METHODS)
+METHODS = RANKING_METHODS
 
 
 def _parse_score_args(argv):
@@ -201,7 +201,7 @@ def score_command(argv) -> int:
 
     from .data import LatentBatches, load_dataset_or_embedded, repeat_batches, shard_batches, vae_scale_factor
     from .export import check_output_dir, staged_output_dir
-    from .importance import CEDOptions, baselines, compute_ced
+    from .importance import CEDOptions, score_blocks
     from .model_types import objective_for, pipeline_class, resolve_source
     from .models import EntPrunedTransformer2DModel
     from .plotting import plot_scores
@@ -229,23 +229,10 @@ def score_command(argv) -> int:
     def sum_over_processes(tensor):
         return accelerator.reduce(tensor.to(device), "sum").cpu() if accelerator.num_processes > 1 else tensor
 
-    shards = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                  reduce=sum_over_processes)
-    progress = accelerator.is_local_main_process
-    common = dict(seed=args.seed, timestep_range=options.timestep_range, progress=progress, **shards)
-    if args.method == "ced":
-        result = compute_ced(transformer, objective, batches, args.num_samples, options, seed=args.seed,
-                             prefix_cache=not args.no_prefix_cache, progress=progress, **shards)
-    elif args.method == "random":
-        result = baselines.random_scores(transformer, seed=args.seed)
-    elif args.method == "magnitude":
-        result = baselines.magnitude_scores(transformer)
-    elif args.method == "taylor":
-        result = baselines.taylor_scores(transformer, objective, batches, args.num_samples, **common)
-    elif args.method == "block_influence":
-        result = baselines.block_influence_scores(transformer, objective, batches, args.num_samples, **common)
-    else:
-        result = baselines.loss_ablation_scores(transformer, objective, batches, args.num_samples, **common)
+    result = score_blocks(args.method, transformer, objective, batches, args.num_samples, seed=args.seed,
+                          ced_options=options, prefix_cache=not args.no_prefix_cache,
+                          progress=accelerator.is_local_main_process, reduce=sum_over_processes,
+                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     scores = result.to_dict()
     scores.update(pretrained_model_name_or_path=source_name, model_type=model_type,
                   dataset=dataset_label, split=args.split, resolution=resolution,

@@ -7,6 +7,7 @@ from .baselines import (
     taylor_scores,
 )
 from .ced import CEDOptions, CEDResult, GaussianEntropyAccumulator, compute_ced
+from .ranking import RANKING_METHODS, score_blocks
 from .result import ImportanceResult
 
 __all__ = [
@@ -15,10 +16,12 @@ __all__ = [
     "CEDResult",
     "GaussianEntropyAccumulator",
     "ImportanceResult",
+    "RANKING_METHODS",
     "block_influence_scores",
     "compute_ced",
     "loss_ablation_scores",
     "magnitude_scores",
     "random_scores",
+    "score_blocks",
     "taylor_scores",
 ]

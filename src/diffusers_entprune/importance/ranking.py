@@ -1,0 +1,34 @@
+"""One entry point for every block-ranking method, so the command line and the pruning script rank alike."""
+
+from .baselines import (
+    BASELINE_METHODS,
+    block_influence_scores,
+    loss_ablation_scores,
+    magnitude_scores,
+    random_scores,
+    taylor_scores,
+)
+from .ced import CEDOptions, compute_ced
+
+RANKING_METHODS = ("ced", *BASELINE_METHODS)
+
+
+def score_blocks(method: str, model, objective, batches, num_samples: int, seed: int = 0,
+                 ced_options: CEDOptions | None = None, prefix_cache: bool = True, progress: bool = False,
+                 reduce=None, process_index: int = 0, num_processes: int = 1):
+    """Score the model's present blocks with ``method`` (higher = more important); see `compute_ced` and
+    `baselines` for each. ``batches`` are this process's share; ``reduce`` sums statistics over processes."""
+    if method not in RANKING_METHODS:
+        raise ValueError(f"`method` must be one of {RANKING_METHODS}, got {method!r}.")
+    if method == "random":
+        return random_scores(model, seed=seed)
+    if method == "magnitude":
+        return magnitude_scores(model)
+    shards = dict(reduce=reduce, process_index=process_index, num_processes=num_processes, progress=progress)
+    if method == "ced":
+        return compute_ced(model, objective, batches, num_samples, ced_options, seed=seed, prefix_cache=prefix_cache,
+                           **shards)
+    options = ced_options or CEDOptions()
+    functions = {"taylor": taylor_scores, "block_influence": block_influence_scores, "loss": loss_ablation_scores}
+    return functions[method](model, objective, batches, num_samples, seed=seed,
+                             timestep_range=options.timestep_range, **shards)
