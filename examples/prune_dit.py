@@ -154,6 +154,9 @@ def parse_args(argv=None):
     target.add_argument("--target_num_params", type=int, default=None,
                         help="Parameter budget (unique parameters, one shared embedder as in the original DiT): "
                              "remove the fewest blocks that bring the model within it.")
+    target.add_argument("--fine_tune_only", action="store_true",
+                        help="Prune nothing: the same fine-tuning, export and report for the unpruned model (the "
+                             "ceiling a pruned model is compared with).")
     prune.add_argument("--pruning_mode", choices=PRUNING_MODES, default="adaptive",
                        help="adaptive: zero-shot proxies decide how many blocks each stage drops; fixed: equal "
                             "amounts per stage; one_shot: everything at step 0.")
@@ -188,7 +191,8 @@ def parse_args(argv=None):
     out.add_argument("--hub_private", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.target_prune_ratio is None and args.target_num_blocks is None and args.target_num_params is None:
+    if args.target_prune_ratio is None and args.target_num_blocks is None and args.target_num_params is None \
+            and not args.fine_tune_only:
         args.target_prune_ratio = 0.5
     if args.learning_rate is None:
         args.learning_rate = 1e-3 if args.pretrained_model_name_or_path is None else 1e-4
@@ -391,8 +395,9 @@ def main(argv=None):
     outside, per_block = transformer.parameter_counts()
     if len(set(per_block)) != 1 and args.target_num_params is not None:
         raise ValueError(f"`--target_num_params` needs blocks of one size; this model's are {sorted(set(per_block))}.")
-    num_to_prune = resolve_target(transformer.original_num_layers, args.target_prune_ratio, args.target_num_blocks,
-                                  args.target_num_params, per_block[0], outside)
+    num_to_prune = 0 if args.fine_tune_only else resolve_target(
+        transformer.original_num_layers, args.target_prune_ratio, args.target_num_blocks, args.target_num_params,
+        per_block[0], outside)
     controller = AdaptivePruningController(
         transformer.original_num_layers, num_to_prune,
         decision_steps(args.pruning_stages, args.pruning_steps, args.pruning_mode), args.pruning_mode,
@@ -440,7 +445,7 @@ def main(argv=None):
                                  accelerator.num_processes, skip_samples=micro_batches_done * args.train_batch_size,
                                  num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
     pool_latents, pool_labels = None, None
-    if not controller.finished:
+    if not controller.finished and num_to_prune:
         pool_latents, pool_labels = build_ced_pool(dataset, vae, resolution, args, num_classes)
     ced_options = CEDOptions(variance=args.ced_variance)
 
@@ -471,12 +476,12 @@ def main(argv=None):
             ced_scores = dict(zip(result.block_indices, result.scores))
         state = [None]
         if accelerator.is_main_process:
-            b = args.proxy_batch_size
-            ntk_batch = (pool_latents[:b].to(device), pool_labels[:b].to(device))
-            zico_batches = [(pool_latents[b * (i + 1): b * (i + 2)].to(device),
-                             pool_labels[b * (i + 1): b * (i + 2)].to(device)) for i in range(args.zico_num_batches)]
-
-            def proxy_fn(candidates):
+            def proxy_fn(candidates):  # called only when there is a choice to make
+                b = args.proxy_batch_size
+                ntk_batch = (pool_latents[:b].to(device), pool_labels[:b].to(device))
+                zico_batches = [(pool_latents[b * (i + 1): b * (i + 2)].to(device),
+                                 pool_labels[b * (i + 1): b * (i + 2)].to(device))
+                                for i in range(args.zico_num_batches)]
                 scored = score_candidates(unwrapped, objective, candidates, ntk_batch, zico_batches, seed=args.seed,
                                           zico_reduction=args.zico_reduction, progress=True)
                 return [(s.ntk_condition_number, s.zico) for s in scored]
@@ -683,7 +688,8 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
                              dtype=torch.float16 if args.save_fp16 else None,
                              repo_id=repo_id if args.push_to_hub else None, model_type=args.model_type,
                              title=repo_id)
-        plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
+        if any(stage["ced_scores"] for stage in report["stages"]):  # not with --fine_tune_only
+            plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
         before = sample_images(original, vae, scheduler, labels, args)
         after = sample_images(transformer, vae, scheduler, labels, args)
         sample_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))

@@ -287,3 +287,16 @@ def test_taylor_ranking_with_lora_is_refused(tmp_path, source_pipeline):  # noqa
     with pytest.raises(SystemExit):
         prune_dit.main(tiny_args(source_pipeline, tmp_path / "out", "--ranking", "taylor", "--use_lora"))
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tune_only_trains_the_whole_model_and_exports_it(tmp_path, source_pipeline):  # noqa: F811
+    out = tmp_path / "out"
+    prune_dit.main(tiny_args(source_pipeline, out, "--fine_tune_only", "--validation_steps", "0"))
+    report = json.load(open(out / "entprune_report.json"))
+    assert report["kept_blocks"] == list(range(6)) and report["pruned_block_indices"] == []
+    assert all(s["pruned_blocks"] == [] and s["ced_scores"] == {} for s in report["stages"])
+    assert report["sampling_speed"]["flops_ratio"] == pytest.approx(1.0) and not (out / "ced.png").exists()
+    before, after = weights(source_pipeline), weights(out)
+    assert not torch.equal(before["transformer_blocks.0.attn1.to_q.weight"],
+                           after["transformer_blocks.0.attn1.to_q.weight"])  # it trained
+    assert_loads_without_package(out, 6)

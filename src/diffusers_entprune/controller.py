@@ -148,8 +148,8 @@ class AdaptivePruningController:
                  rank_once: bool = False):
         if mode not in PRUNING_MODES:
             raise ValueError(f"`pruning_mode` must be one of {PRUNING_MODES}, got {mode!r}.")
-        if not 1 <= num_to_prune < original_num_layers:
-            raise ValueError(f"`num_to_prune` must be in [1, {original_num_layers - 1}], got {num_to_prune}.")
+        if not 0 <= num_to_prune < original_num_layers:  # 0: fine-tuning only, every stage decides nothing
+            raise ValueError(f"`num_to_prune` must be in [0, {original_num_layers - 1}], got {num_to_prune}.")
         if list(steps) != sorted(set(steps)) or not steps:
             raise ValueError(f"Decision `steps` must be distinct and increasing, got {list(steps)}.")
         self.original_num_layers, self.num_to_prune = original_num_layers, num_to_prune
