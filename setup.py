@@ -32,7 +32,7 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         # scripts/ that rebuild the embedded assets, and bench/
-        "dev": ["pytest>=7", "scikit-learn>=1.3", "psutil"],
+        "dev": ["pytest>=7", "scikit-learn>=1.3", "scipy", "psutil"],
     },
     entry_points={"console_scripts": ["entprune=diffusers_entprune.cli:main"]},
     classifiers=[
