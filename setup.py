@@ -10,7 +10,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"diffusers_entprune": ["assets/**/*"]},
+    package_data={"diffusers_entprune": ["assets/**/*", "evaluate_modules/*/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         # A range, not a pin: an existing torch is never replaced (see README for this machine's CPU build).

@@ -126,3 +126,21 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
     for key in ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "sfid", "class_fidelity",
                 "reference_class_fidelity"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+def test_evaluate_module_loads_from_a_local_path_and_agrees_with_the_api(monkeypatch):
+    import evaluate
+
+    from diffusers_entprune.evaluate_modules import IMAGE_METRICS_PATH
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real, _ = reference_images(load_digits_dataset("downstream", split="test"), 32)
+    fake, labels = reference_images(load_digits_dataset("pretrain", split="test"), 32)
+    result = evaluate.load(IMAGE_METRICS_PATH).compute(predictions=list(fake.numpy()),
+                                                       references=list(real.numpy()), labels=labels.tolist())
+    network = DigitsFeatures()
+    expected = frechet_distance(extract_features(network, real).pooled, extract_features(network, fake).pooled)
+    assert result["fid"] == pytest.approx(expected, rel=1e-5)
+    trained = json.load(open(os.path.join(DIGITS_CLASSIFIER_DIR, "training_info.json")))
+    assert result["class_fidelity"] == pytest.approx(trained["test_accuracy"]["pretrain"], abs=1e-6)
+    assert 0 <= result["precision"] <= 1 and result["sfid"] > 0
