@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from diffusers import DiTPipeline
 
 from diffusers_entprune.cli import main
 from diffusers_entprune.embedded import DIGITS_CLASSIFIER_DIR, load_digits_dataset
@@ -144,3 +145,33 @@ def test_evaluate_module_loads_from_a_local_path_and_agrees_with_the_api(monkeyp
     trained = json.load(open(os.path.join(DIGITS_CLASSIFIER_DIR, "training_info.json")))
     assert result["class_fidelity"] == pytest.approx(trained["test_accuracy"]["pretrain"], abs=1e-6)
     assert 0 <= result["precision"] <= 1 and result["sfid"] > 0
+
+
+def test_eval_compares_with_the_original_on_the_same_machine_and_batch(tmp_path):
+    from diffusers_entprune.embedded import TINY_DIT_DIR
+    from diffusers_entprune.export import save_pruned_pipeline
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+
+    transformer = EntPrunedTransformer2DModel.from_pretrained(TINY_DIT_DIR, subfolder="transformer")
+    base = DiTPipeline.from_pretrained(TINY_DIT_DIR)
+    transformer.prune_blocks([1, 3, 5, 7, 9, 11])
+    save_pruned_pipeline(str(tmp_path / "pruned"), transformer, base.vae, base.scheduler)
+    out = tmp_path / "eval"
+    assert main(["eval", "--pretrained_model_name_or_path", str(tmp_path / "pruned"), "--original_model_name_or_path",
+                 "embedded", "--num_samples", "8", "--num_inference_steps", "2", "--latency_repeats", "1",
+                 "--latency_batch_size", "2", "--num_grid_images", "0", "--output_dir", str(out)]) == 0
+    comparison = json.load(open(out / "metrics.json"))["comparison"]
+    assert comparison["original_model_name_or_path"] == "embedded:tiny-dit-digits"
+    assert comparison["original_num_layers"] == 12 and comparison["batch_size"] == 2
+    assert 1.9 < comparison["flops_ratio"] < 2.0  # half the blocks; embedding and final layer are kept
+    assert 1.5 < comparison["parameter_ratio"] < 2.0
+    assert comparison["speedup"] > 0 and comparison["original_seconds_per_call"] > 0
+
+
+def test_eval_refuses_an_original_of_another_family_before_sampling(tmp_path):
+    from diffusers_entprune.embedded import TINY_SIT_DIR
+
+    with pytest.raises(ValueError, match="--original_model_name_or_path.*SIT"):
+        main(["eval", "--original_model_name_or_path", TINY_SIT_DIR, "--num_samples", "4", "--output_dir",
+              str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()

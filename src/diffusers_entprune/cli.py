@@ -327,6 +327,10 @@ def _parse_eval_args(argv):
     parser.add_argument("--latency_batch_size", type=int, default=8)
     parser.add_argument("--latency_repeats", type=int, default=3, help="0: do not time.")
     parser.add_argument("--num_grid_images", type=int, default=40, help="Samples in samples.png (0: none).")
+    parser.add_argument("--original_model_name_or_path", default=None,
+                        help="The unpruned model (folder, Hub id, or 'embedded'): its sampling calls are timed "
+                             "interleaved with the evaluated model's on the same machine and batch, and the speedup, "
+                             "FLOPs ratio and parameter ratio (original / evaluated) go into metrics.json.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite_output_dir", action="store_true")
     args = parser.parse_args(argv)
@@ -335,6 +339,8 @@ def _parse_eval_args(argv):
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.num_samples < 4:
         parser.error("--num_samples must be >= 4 (precision and recall need k + 1 samples, k = 3).")
+    if args.original_model_name_or_path is not None and args.latency_repeats == 0:
+        parser.error("--original_model_name_or_path compares sampling speed: give --latency_repeats >= 1.")
     for name in ("latency_repeats", "num_grid_images"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
@@ -378,6 +384,15 @@ def eval_command(argv) -> int:
         raise ValueError(f"`--reference` {args.reference!r} split {args.reference_split!r} has {len(reference)} "
                          "images; at least 4 are needed.")
 
+    original = None
+    if args.original_model_name_or_path is not None:  # resolved before any sampling, so a bad path fails fast
+        original_path = None if args.original_model_name_or_path == "embedded" else args.original_model_name_or_path
+        original_type, original, original_name = resolve_source(
+            original_path, model_type if original_path is None else None)
+        if original_type != model_type:
+            raise ValueError(f"`--original_model_name_or_path` is a {original_type.upper()} model but the evaluated "
+                             f"model is {model_type.upper()}; compare a model with its own unpruned source.")
+
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (samples are sharded)
     pipe = pipeline_class(model_type).from_pretrained(source, revision=args.revision).to(accelerator.device)
     feature_network.to(accelerator.device)
@@ -390,6 +405,9 @@ def eval_command(argv) -> int:
         max_reference_images=args.max_reference_images, latency_batch_size=args.latency_batch_size,
         latency_repeats=args.latency_repeats, accelerator=accelerator, progress=accelerator.is_local_main_process,
         **call_kwargs)
+    if original is not None and accelerator.is_main_process:
+        metrics["comparison"] = _compare_with_original(pipe, original, original_name, model_type, metrics, args,
+                                                       call_kwargs)
     if accelerator.is_main_process:
         metrics = {"pretrained_model_name_or_path": source_name, "model_type": model_type,
                    "reference": {"dataset": reference_name, "split": args.reference_split,
@@ -413,6 +431,29 @@ def eval_command(argv) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def _compare_with_original(pipe, original_source, original_name, model_type, metrics, args, call_kwargs) -> dict:
+    """Speed, FLOPs and parameters of the original against the evaluated pipeline, same machine and batch."""
+    from .model_types import pipeline_class
+    from .speed import compare_sampling_speed, transformer_flops
+
+    original = pipeline_class(model_type).from_pretrained(original_source).to(pipe.device)
+    for each in (pipe, original):
+        each.set_progress_bar_config(disable=True)
+    labels = metrics["sampling"]["class_labels"]
+    speed = compare_sampling_speed(original, pipe, [labels[i % len(labels)] for i in range(args.latency_batch_size)],
+                                   args.num_inference_steps, args.guidance_scale, repeats=args.latency_repeats,
+                                   **call_kwargs)
+    original_parameters = sum(p.numel() for p in original.transformer.parameters())
+    return {"original_model_name_or_path": original_name,
+            "original_num_layers": original.transformer.config.num_layers,
+            "speedup": speed["speedup"], "original_seconds_per_call": speed["original_seconds"],
+            "seconds_per_call": speed["pruned_seconds"], "batch_size": speed["batch_size"],
+            "repeats": speed["repeats"], "device": speed["device"],
+            "flops_ratio": transformer_flops(original.transformer, 1) / metrics["flops_per_forward"],
+            "parameter_ratio": original_parameters / metrics["transformer_parameters"],
+            "timing": "calls of the two pipelines interleaved after a warm-up; median seconds per call"}
 
 
 def _load_reference(args):
