@@ -23,12 +23,14 @@ The patch embedding, the final layer and the VAE are not pruned, so the FLOPs ra
 
 Configs: ``embedded``: the tiny pretrained pipeline shipped with the package (its own VAE and scheduler).
 ``s2``: a DiT-S/2-like transformer (12 blocks, hidden 384 = 6 x 64, patch 2, 4x32x32 latents, 256 px), random
-weights, DDIM; its VAE is by default a minimal one-level `AutoencoderKL` (no upsampling, negligible cost: the
-pipeline column is then essentially the sampling loop) and with ``--s2_vae sd`` an SD-VAE-sized one (random weights,
+weights, DDIM; ``xl``: the same with DiT-XL/2-256's transformer config (28 blocks, hidden 1152 = 16 x 72). Their VAE
+is by default a minimal one-level `AutoencoderKL` (no upsampling, negligible cost: the pipeline column is then
+essentially the sampling loop) and with ``--s2_vae sd`` an SD-VAE-sized one (random weights,
 256 px decode; slow on CPU).
 
     python bench/speedup.py --config embedded --num_threads 1 --repeats 11 --output_json build/speedup-embedded.json
     python bench/speedup.py --config s2 --num_threads 1 --output_json build/speedup-s2.json   # batch 2, 10 steps
+    python bench/speedup.py --config xl --num_threads 2 --repeats 3     # DiT-XL/2 config: batch 1, 2 steps
     python bench/speedup.py --config s2 --device cuda --dtype float16 --batch_size 8 --num_inference_steps 50  # GPU
 """
 
@@ -51,9 +53,13 @@ from diffusers_entprune.speed import count_flops, synchronize
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 S2_CONFIG = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
                  sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+XL_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)  # facebook/DiT-XL-2-256's transformer
+RANDOM_CONFIGS = {"s2": S2_CONFIG, "xl": XL_CONFIG}
 DEFAULTS = {  # batch (class labels), inference steps
     "embedded": dict(batch_size=8, num_inference_steps=50),
     "s2": dict(batch_size=2, num_inference_steps=10),
+    "xl": dict(batch_size=1, num_inference_steps=2),
 }
 
 
@@ -66,7 +72,7 @@ def build_original(args, device, dtype) -> DiTPipeline:
         pipe = load_embedded_pipeline()
     else:
         torch.manual_seed(0)
-        dit = DiTTransformer2DModel(**S2_CONFIG)
+        dit = DiTTransformer2DModel(**RANDOM_CONFIGS[args.config])
         with torch.no_grad():
             first = dit.transformer_blocks[0].norm1.emb.state_dict()
             for block in dit.transformer_blocks[1:]:
@@ -141,11 +147,11 @@ def device_name(device) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=("embedded", "s2"), default="embedded")
+    parser.add_argument("--config", choices=("embedded", *RANDOM_CONFIGS), default="embedded")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                         help="fractions of the blocks to remove (evenly spaced blocks)")
-    parser.add_argument("--batch_size", type=int, default=None, help="class labels per call (embedded 8, s2 2)")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="embedded 50, s2 10")
+    parser.add_argument("--batch_size", type=int, default=None, help="class labels per call (embedded 8, s2 2, xl 1)")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="embedded 50, s2 10, xl 2")
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed pipeline calls per model before timing")
@@ -258,7 +264,9 @@ def main():
         s2=("pipeline = DiTPipeline: guidance, DDIM steps and "
             + ("an SD-VAE-sized decode to 256 px (random weights)" if args.s2_vae == "sd"
                else "a minimal one-level VAE decode (no upsampling), i.e. essentially the sampling loop")),
-    )[args.config]
+    )
+    what["xl"] = what["s2"]
+    what = what[args.config]
     print(f"\n{env['date']}, torch {env['torch']}, diffusers {env['diffusers']}, {env['device']} "
           f"({env['device_name']}, {env['cpu_count']} CPUs, {env['torch_threads']} threads), {args.dtype}; "
           f"load average {load_start[0]:.2f} at start, {env['loadavg_end'][0]:.2f} at end")
