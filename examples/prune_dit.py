@@ -31,7 +31,6 @@ speedup), ``ced.png``, ``samples.png`` (original vs pruned, same seeds), validat
 """
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -46,6 +45,16 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from diffusers_entprune.checkpoints import (
+    STATE_NAME,
+    CorruptCheckpointError,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    read_state,
+    remove_stale_staging,
+    verify_checkpoint,
+    write_state,
+)
 from diffusers_entprune.controller import PRUNING_MODES, AdaptivePruningController, decision_steps, resolve_target
 from diffusers_entprune.data import (
     LatentBatches,
@@ -71,7 +80,6 @@ from diffusers_entprune.training_state import prune_training_state, reprepare_mo
 
 logger = get_logger(__name__)
 
-STATE_NAME = "entprune_state.json"  # pruning state saved in every checkpoint folder
 
 
 def parse_args(argv=None):
@@ -247,24 +255,21 @@ def sampler_kwargs(args) -> dict:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints in ``output_dir``, oldest first (a checkpoint is renamed into place when complete)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
-
-
 def resolve_resume_path(args) -> str | None:
+    """The checkpoint to resume from, verified against its manifest: with "latest", the newest intact one."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        return found[-1] if found else None
+        return latest_intact_checkpoint(args.output_dir)
     path = args.resume_from_checkpoint
     if not os.path.isfile(os.path.join(path, STATE_NAME)):
         raise ValueError(f"`--resume_from_checkpoint`={path!r} is not a checkpoint of this script (no {STATE_NAME} "
                          f"in it). Pass a `checkpoint-N` folder from a previous run's output_dir, or 'latest'.")
+    try:
+        verify_checkpoint(path)
+    except CorruptCheckpointError as error:
+        raise CorruptCheckpointError(f"`--resume_from_checkpoint`: {error} Pass an older checkpoint, or 'latest' "
+                                     "to take the newest intact one.") from None
     return path
 
 
@@ -285,10 +290,9 @@ def save_checkpoint(accelerator, args, global_step: int, controller, stage_times
     accelerator.wait_for_everyone()
     accelerator.save_state(staging)  # every process writes its RNG state
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(staging, STATE_NAME), "w") as f:
-            json.dump({"global_step": global_step, "controller": controller.state_dict(),
-                       "stage_times": stage_times}, f, indent=2)
+    if accelerator.is_main_process:  # the state and the manifest of every file go in last
+        write_state(staging, {"global_step": global_step, "controller": controller.state_dict(),
+                              "stage_times": stage_times})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -364,6 +368,10 @@ def main(argv=None):
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in
                                                           record.getMessage())
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_main_process:
+        for path in remove_stale_staging(args.output_dir):  # an interrupted save or export; never a checkpoint
+            logger.info(f"Removed {path}, left by an interrupted run.")
+    accelerator.wait_for_everyone()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed, device_specific=True)  # each process draws its own noise and label dropout
@@ -404,8 +412,7 @@ def main(argv=None):
         rank_once=args.rank_once)
     global_step, stage_times = 0, []
     if resume_path is not None:
-        with open(os.path.join(resume_path, STATE_NAME)) as f:
-            saved = json.load(f)
+        saved = read_state(resume_path)
         controller.load_state_dict(saved["controller"])
         global_step, stage_times = saved["global_step"], saved["stage_times"]
         if controller.pruned_blocks:  # the same architecture before the weights are loaded
@@ -693,7 +700,11 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         before = sample_images(original, vae, scheduler, labels, args)
         after = sample_images(transformer, vae, scheduler, labels, args)
         sample_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))
-        names = sorted(os.listdir(folder), key=lambda n: n == "model_index.json")  # the index goes in last
+        # the index goes out first and in last: a crash mid-move leaves no index beside a half-replaced model
+        index = os.path.join(args.output_dir, "model_index.json")
+        if os.path.exists(index):
+            os.remove(index)
+        names = sorted(os.listdir(folder), key=lambda n: n == "model_index.json")
         for name in names:
             target = os.path.join(args.output_dir, name)
             if os.path.isdir(target):
