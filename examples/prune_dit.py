@@ -67,7 +67,7 @@ from diffusers_entprune.data import (
     vae_scale_factor,
 )
 from diffusers_entprune.export import check_output_dir, load_id2label, save_pruned_pipeline
-from diffusers_entprune.hub import check_can_push, push_pruned_pipeline
+from diffusers_entprune.hub import Secret, check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import RANKING_METHODS, CEDOptions, score_blocks
 from diffusers_entprune.lora import add_lora, merge_lora
 from diffusers_entprune.model_types import MODEL_TYPES, objective_for, pipeline_class, resolve_source
@@ -76,6 +76,7 @@ from diffusers_entprune.pipelines.pipeline_sit import SAMPLERS
 from diffusers_entprune.plotting import plot_stage_scores, sample_grid
 from diffusers_entprune.proxies import score_candidates
 from diffusers_entprune.speed import compare_sampling_speed
+from diffusers_entprune.training_draws import stream_positions, training_draws
 from diffusers_entprune.training_state import prune_training_state, reprepare_model
 
 logger = get_logger(__name__)
@@ -198,20 +199,49 @@ def parse_args(argv=None):
     out.add_argument("--hub_token", default=None, help="Default: the login of `hf auth login` / HF_TOKEN.")
     out.add_argument("--hub_private", action="store_true")
     args = parser.parse_args(argv)
+    # kept out of every log and tracker config (those take plain values only); `reveal` hands it to the upload
+    args.hub_token = Secret(args.hub_token) if args.hub_token is not None else None
 
     if args.target_prune_ratio is None and args.target_num_blocks is None and args.target_num_params is None \
             and not args.fine_tune_only:
         args.target_prune_ratio = 0.5
     if args.learning_rate is None:
         args.learning_rate = 1e-3 if args.pretrained_model_name_or_path is None else 1e-4
-    if args.learning_rate <= 0:
+    if not args.learning_rate > 0:  # written so that nan fails too
         parser.error(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("Pass at most one of --dataset_name and --train_data_dir.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "ced_batch_size",
-                 "zico_num_batches", "speed_repeats"):
+                 "zico_num_batches", "speed_repeats", "pruning_stages", "shuffle_buffer_size", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("target_num_blocks", "target_num_params", "pruning_steps", "max_train_samples", "resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name, meaning in (("lr_warmup_steps", ""), ("validation_steps", " (0: no validation grids)"),
+                          ("speed_batch_size", " (0: no speed comparison)"), ("dataloader_num_workers", ""),
+                          ("max_grad_norm", " (0: no gradient clipping)"), ("adam_weight_decay", ""),
+                          ("guidance_scale", " (<= 1: no classifier-free guidance)")):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name} must be >= 0{meaning}, got {getattr(args, name)}.")
+    for name in ("seed", "ranking_seed"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 2**32:
+            parser.error(f"--{name} must lie in [0, 2**32), got {getattr(args, name)}.")
+    if args.target_prune_ratio is not None and not 0.0 < args.target_prune_ratio < 1.0:
+        parser.error(f"--target_prune_ratio is the fraction of the blocks to remove and must lie strictly between 0 "
+                     f"and 1, got {args.target_prune_ratio}; use --target_num_blocks for a number of blocks.")
+    for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name} must lie in [0, 1), got {getattr(args, name)}.")
+    if not args.adam_epsilon > 0:
+        parser.error(f"--adam_epsilon must be > 0, got {args.adam_epsilon}.")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        parser.error(f"--lora_alpha must be > 0, got {args.lora_alpha}.")
+    from diffusers.optimization import SchedulerType
+
+    if args.lr_scheduler not in [s.value for s in SchedulerType]:
+        parser.error(f"--lr_scheduler {args.lr_scheduler!r} is not a diffusers schedule; choose one of "
+                     f"{[s.value for s in SchedulerType]}.")
     if args.proxy_batch_size < 2:
         parser.error("--proxy_batch_size must be >= 2 (the NTK of one sample has no condition number).")
     if args.ced_num_samples < 2:
@@ -245,6 +275,13 @@ def resolve_model_type(args) -> None:
     if args.model_type == "sit" and args.sampler is None:
         args.sampler = "euler"
     args.output_dir = args.output_dir or f"{args.model_type}-pruned"
+    if args.validation_class_labels is not None:  # checked now: validation first samples after training steps
+        config = EntPrunedTransformer2DModel.load_config(args.source, subfolder="transformer", revision=args.revision)
+        num_classes = config.get("num_embeds_ada_norm")
+        bad = [c for c in args.validation_class_labels if num_classes is not None and not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"`--validation_class_labels` {bad} are not classes of the model, which has classes "
+                             f"0..{num_classes - 1}.")
 
 
 def sampler_kwargs(args) -> dict:
@@ -374,7 +411,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed, device_specific=True)  # each process draws its own noise and label dropout
+    set_seed(args.seed)  # training draws are per sample (training_draws); this seeds whatever else draws
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -448,6 +485,9 @@ def main(argv=None):
     # ---- data streams: training batches (exactly resumable) and the fixed pool for CED and the proxies
     collate = PixelCollate(resolution, args.image_column, args.label_column, num_classes)
     micro_batches_done = global_step * args.gradient_accumulation_steps
+    samples_seen = micro_batches_done * args.train_batch_size  # by this process
+    latent_shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
+    null_class = transformer.null_class_label
     loader = training_dataloader(dataset, collate, args.train_batch_size, args.seed, accelerator.process_index,
                                  accelerator.num_processes, skip_samples=micro_batches_done * args.train_batch_size,
                                  num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
@@ -539,17 +579,23 @@ def main(argv=None):
         losses = []
         for _ in range(args.gradient_accumulation_steps):
             pixels, labels = next(data_iter)
+            # every random number of a sample comes from (seed, its stream position): the run does not depend on
+            # how the global batch is split between processes
+            positions = stream_positions(samples_seen, len(pixels), accelerator.process_index,
+                                         accelerator.num_processes)
+            draws = training_draws(args.seed, positions, latent_shape, args.class_dropout_prob)
+            samples_seen += len(pixels)
             pixels, labels = pixels.to(device, dtype=weight_dtype), labels.to(device)
             if args.random_flip:
-                flip = torch.rand(len(pixels), device=device) < 0.5
-                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+                pixels = torch.where(draws.flip.to(device)[:, None, None, None], pixels.flip(-1), pixels)
             with accelerator.accumulate(model):
                 with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                latents = latents.float()
-                labels = accelerator.unwrap_model(model).drop_class_labels(labels, args.class_dropout_prob)
-                timesteps = objective.sample_timesteps(len(latents), device=device)
-                noised = objective.add_noise(latents, torch.randn_like(latents), timesteps)
+                    posterior = vae.encode(pixels).latent_dist
+                    latents = posterior.mean + posterior.std * draws.vae_noise.to(device, posterior.mean.dtype)
+                latents = latents.float() * vae.config.scaling_factor
+                labels = torch.where(draws.drop_label.to(device), null_class, labels)  # CFG dropout, once a sample
+                timesteps = objective.timesteps_from_fraction(draws.fractions).to(device)
+                noised = objective.add_noise(latents, draws.noise.to(device), timesteps)
                 output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
                 loss = objective.loss(output.float(), latents, noised).mean()
                 # every process learns of a non-finite loss, so none is left waiting in a gradient all-reduce

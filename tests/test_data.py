@@ -146,6 +146,10 @@ def test_shuffled_shard_sampler_resumes_exactly_and_shards_cover_each_epoch():
     assert take(ShuffledShardSampler(10, seed=4), 10) != full[:10]
     shards = [take(ShuffledShardSampler(10, seed=3, process_index=p, num_processes=3), 4) for p in range(3)]
     assert sorted(shards[0][:4] + shards[1][:3] + shards[2][:3]) == list(range(10))  # epoch 0: disjoint shares
+    # P processes interleave into the one-process stream, across epoch boundaries too (10 is not a multiple of 3)
+    assert [shards[i % 3][i // 3] for i in range(12)] == full[:12]
+    resumed = [take(ShuffledShardSampler(10, seed=3, process_index=p, num_processes=3, start=2), 2) for p in range(3)]
+    assert [resumed[i % 3][i // 3] for i in range(6)] == full[6:12]  # 2 samples per process = 6 global
 
 
 def test_pixel_collate_refuses_labels_outside_the_model():

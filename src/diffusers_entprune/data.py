@@ -40,11 +40,38 @@ def load_image_dataset(dataset_name: str | None = None, train_data_dir: str | No
                 raise ValueError(f"`split`={split!r}: {train_data_dir!r} holds parquet files of other splits only "
                                  f"({sorted({split_of(p) for p in parquet if split_of(p)})}).")
             files = files or parquet
+            _check_parquet_rows(files, train_data_dir, split)
             return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
                                 cache_dir=cache_dir)
+        from PIL import Image as PILImage
+
+        extensions = {ext for ext, name in PILImage.registered_extensions().items() if name in PILImage.OPEN}
+        if not any(os.path.splitext(f)[1].lower() in extensions for _, _, files in os.walk(train_data_dir)
+                   for f in files):
+            raise FileNotFoundError(f"`train_data_dir`={train_data_dir!r} holds no images: neither parquet files nor "
+                                    "image files (an imagefolder: class sub-folders of images, or images with a "
+                                    "metadata file).")
         return load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming,
                             cache_dir=cache_dir)
-    return load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+    try:
+        return load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+    except ConnectionError as error:
+        from huggingface_hub import constants
+
+        offline = " HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, so" if constants.HF_HUB_OFFLINE or \
+            os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") else ""
+        raise ConnectionError(f"`dataset_name`={dataset_name!r} is not a local dataset and{offline} the Hub could not "
+                              "be reached for it; download it once with the network on, or pass a local folder "
+                              f"(`train_data_dir`). ({error})") from error
+
+
+def _check_parquet_rows(files: list[str], train_data_dir: str, split: str) -> None:
+    """Refuse parquet files without a single row (read from their footers, no data is loaded)."""
+    import pyarrow.parquet as pq
+
+    if sum(pq.ParquetFile(path).metadata.num_rows for path in files) == 0:
+        raise ValueError(f"`train_data_dir`={train_data_dir!r}: its parquet files for split {split!r} hold no rows, "
+                         "i.e. no images to train on or score with.")
 
 
 def load_dataset_or_embedded(dataset_name: str | None = None, train_data_dir: str | None = None, split: str = "train",
@@ -69,8 +96,19 @@ def check_columns(dataset, image_column: str, label_column: str, num_classes: in
     if label_column not in columns:
         raise ValueError(f"`label_column`={label_column!r} is not a column of the dataset; columns: {columns}. "
                          "Class-conditional pruning needs a label per image.")
+    from datasets import Value
+
     features = dataset.features or {}
-    names = getattr(features.get(label_column), "names", None)
+    image_feature, label_feature = features.get(image_column), features.get(label_column)
+    if isinstance(image_feature, Value):  # numbers or strings, e.g. file paths
+        raise ValueError(f"`image_column`={image_column!r} holds {image_feature.dtype} values, not images. Pass the "
+                         "image column, or cast it (e.g. file paths) with `dataset.cast_column(name, "
+                         "datasets.Image())`.")
+    if isinstance(label_feature, Value) and not str(label_feature.dtype).startswith(("int", "uint")):
+        raise ValueError(f"`label_column`={label_column!r} holds {label_feature.dtype} values; class labels must be "
+                         "integer class ids (an int or ClassLabel column). Map names to ids first, e.g. with "
+                         "`dataset.class_encode_column(name)`.")
+    names = getattr(label_feature, "names", None)
     if num_classes is not None and names is not None and len(names) > num_classes:
         raise ValueError(f"`label_column`={label_column!r} has {len(names)} classes but the model knows "
                          f"{num_classes}; fine-tune a model with more class embeddings or map the labels.")
@@ -223,9 +261,11 @@ def shard_batches(batches, process_index: int, num_processes: int) -> Iterator[t
 class ShuffledShardSampler(torch.utils.data.Sampler):
     """Endless dataset indices for training, exactly reproducible from a position (for resuming).
 
-    Epoch e is a permutation seeded by (seed, e); process p of P takes its positions p, p + P, ... of every epoch.
-    ``start`` skips that many of this process's indices without materialising them, so a resumed run sees the
-    same images in the same order as an uninterrupted one.
+    The global stream is epoch 0's permutation, then epoch 1's, ... (epoch e seeded by (seed, e)); process p of P
+    takes the stream's positions p, p + P, p + 2P, ... So P processes with batches of B / P together read, step by
+    step, the images one process with batches of B reads, whatever the dataset size. ``start`` skips that many of
+    this process's indices without materialising them, so a resumed run sees the same images in the same order as
+    an uninterrupted one, under any number of processes for the same global batch.
     """
 
     def __init__(self, dataset_size: int, seed: int = 0, process_index: int = 0, num_processes: int = 1,
@@ -235,18 +275,19 @@ class ShuffledShardSampler(torch.utils.data.Sampler):
         self.dataset_size, self.seed, self.start = dataset_size, seed, start
         self.process_index, self.num_processes = process_index, num_processes
 
+    def _permutation(self, epoch: int) -> list[int]:
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
+        return torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(int(state))).tolist()
+
     def __iter__(self):
-        per_epoch = len(range(self.process_index, self.dataset_size, self.num_processes))
-        if per_epoch == 0:
-            raise ValueError(f"The dataset has {self.dataset_size} images, fewer than the {self.num_processes} "
-                             "processes; every process needs at least one.")
-        epoch, offset = divmod(self.start, per_epoch)
+        position = self.start * self.num_processes + self.process_index  # in the global stream
+        epoch, order = None, None
         while True:
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch])
-                                                          .generate_state(1)[0]))
-            order = torch.randperm(self.dataset_size, generator=generator)[self.process_index::self.num_processes]
-            yield from order[offset:].tolist()
-            epoch, offset = epoch + 1, 0
+            current, index = divmod(position, self.dataset_size)
+            if current != epoch:
+                epoch, order = current, self._permutation(current)
+            yield order[index]
+            position += self.num_processes
 
 
 class PixelCollate:
