@@ -170,6 +170,20 @@ def run_script(script, model_type: str, method: str, ratio: float, seed: int, bu
     return report, seconds
 
 
+def code_version() -> str:
+    """The commit the rows were measured with (a row's numbers are reproducible from it)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src", "examples"],
+                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        return commit + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def measure(args):
     from diffusers_entprune.model_types import pipeline_class
     from diffusers_entprune.speed import transformer_flops
@@ -180,7 +194,7 @@ def measure(args):
     base = base_pipeline(args.model_type)
     base_flops = transformer_flops(base.transformer)
     common = dict(model_type=args.model_type, num_samples=args.num_samples,
-                  num_inference_steps=args.num_inference_steps, sample_seed=args.sample_seed)
+                  num_inference_steps=args.num_inference_steps, sample_seed=args.sample_seed, commit=code_version())
 
     def record(row, pipe_or_none, guidance):
         row = {**common, **row, "guidance_scale": guidance}
