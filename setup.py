@@ -30,9 +30,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "hypothesis>=6"],
         # scripts/ that rebuild the embedded assets, and bench/
-        "dev": ["pytest>=7", "scikit-learn>=1.3", "scipy", "psutil"],
+        "dev": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "scipy", "psutil"],
     },
     entry_points={"console_scripts": ["entprune=diffusers_entprune.cli:main"]},
     classifiers=[

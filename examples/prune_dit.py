@@ -43,6 +43,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusers_entprune.checkpoints import (
@@ -292,6 +293,9 @@ def sampler_kwargs(args) -> dict:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+EMA_WEIGHTS_NAME = "ema.safetensors"  # in every checkpoint of a run with --use_ema
+
+
 def resolve_resume_path(args) -> str | None:
     """The checkpoint to resume from, verified against its manifest: with "latest", the newest intact one."""
     if args.resume_from_checkpoint is None:
@@ -317,7 +321,27 @@ def check_output_dir_for_fresh_run(args) -> None:
         shutil.rmtree(path)
 
 
-def save_checkpoint(accelerator, args, global_step: int, controller, stage_times: list) -> str:
+def save_ema(ema, folder: str) -> dict:
+    """EMA shadows as safetensors (by position, the model's parameter order); returns its scalar settings."""
+    state = ema.state_dict()
+    shadows = state.pop("shadow_params")
+    save_file({f"shadow.{i}": t.detach().cpu().contiguous() for i, t in enumerate(shadows)},
+              os.path.join(folder, EMA_WEIGHTS_NAME))
+    return state
+
+
+def load_ema(ema, folder: str) -> None:
+    path = os.path.join(folder, EMA_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"`--resume_from_checkpoint`: {folder!r} has no {EMA_WEIGHTS_NAME}, but `--use_ema` is set. "
+                         "Resume without `--use_ema` (the EMA restarts from the weights) or from a checkpoint of a "
+                         "run that used it.")
+    shadows = load_file(path)
+    ema.load_state_dict({**read_state(folder)["ema"],
+                         "shadow_params": [shadows[f"shadow.{i}"] for i in range(len(shadows))]})
+
+
+def save_checkpoint(accelerator, args, global_step: int, controller, stage_times: list, ema=None) -> str:
     """`accelerator.save_state` into a temporary folder, add the pruning state, rename into place, then apply
     `--checkpoints_total_limit` (old checkpoints go only once the new one is complete)."""
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
@@ -328,8 +352,9 @@ def save_checkpoint(accelerator, args, global_step: int, controller, stage_times
     accelerator.save_state(staging)  # every process writes its RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the state and the manifest of every file go in last
+        ema_settings = save_ema(ema, staging) if ema is not None else None
         write_state(staging, {"global_step": global_step, "controller": controller.state_dict(),
-                              "stage_times": stage_times})
+                              "stage_times": stage_times, "ema": ema_settings})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -474,12 +499,15 @@ def main(argv=None):
     ema = None
     if args.use_ema:
         # over the trainable parameters only: with LoRA, an EMA of the frozen weights would be a wasted copy
+        # saved by save_checkpoint as safetensors, not through accelerate's custom-object pickles, so that resuming
+        # from a checkpoint folder never unpickles anything (accelerate loads those with weights_only=False)
         ema = EMAModel(trainable_parameters(transformer), decay=args.ema_decay)
-        accelerator.register_for_checkpointing(ema)
     model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if resume_path is not None:
         accelerator.load_state(resume_path)
     if ema is not None:
+        if resume_path is not None:
+            load_ema(ema, resume_path)
         ema.to(device)
 
     # ---- data streams: training batches (exactly resumable) and the fixed pool for CED and the proxies
@@ -630,7 +658,7 @@ def main(argv=None):
             accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step, controller, stage_times)
+                save_checkpoint(accelerator, args, global_step, controller, stage_times, ema)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_validation(accelerator, model, vae, scheduler, ema, args, global_step)
             step_start = time.perf_counter()  # checkpoints and validation are not training time

@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import torch
 from original_dit_reference import ReferenceDiT
@@ -75,7 +77,8 @@ def test_key_map_splits_qkv_copies_embedders_and_drops_pos_embed():
 
 def test_training_checkpoints_give_their_ema_weights(tmp_path):
     ema, raw = reference().state_dict(), {k: v + 1 for k, v in reference().state_dict().items()}
-    torch.save({"model": raw, "ema": ema, "opt": {}, "args": None}, tmp_path / "train.pt")
+    args = argparse.Namespace(model="DiT-XL/2", global_batch_size=256)  # the original training script stores these
+    torch.save({"model": raw, "ema": ema, "opt": {}, "args": args}, tmp_path / "train.pt")
     torch.save(ema, tmp_path / "released.pt")
     for name in ("train.pt", "released.pt"):
         loaded = load_original_state_dict(str(tmp_path / name))

@@ -137,6 +137,9 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, source_pipeline): 
     resumed.mkdir()
     # what a crash after step 3 leaves behind: that run's checkpoint (made by the same code)
     shutil.copytree(tmp_path / "whole" / "checkpoint-3", resumed / "checkpoint-3")
+    # the EMA is saved as safetensors: resuming unpickles nothing of accelerate's custom objects
+    assert (resumed / "checkpoint-3" / "ema.safetensors").exists()
+    assert not list((resumed / "checkpoint-3").glob("custom_checkpoint_*"))
     state = json.load(open(resumed / "checkpoint-3" / prune_dit.STATE_NAME))
     assert state["global_step"] == 3 and len(state["controller"]["decisions"]) == 1  # one stage decided
     prune_dit.main(tiny_args(source_pipeline, resumed, *extra, "--resume_from_checkpoint", "latest"))

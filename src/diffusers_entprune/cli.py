@@ -70,6 +70,8 @@ def _parse_prune_args(argv):
         parser.error("--num_samples_per_row must be >= 0.")
     if args.num_inference_steps < 1:
         parser.error("--num_inference_steps must be >= 1.")
+    if not args.guidance_scale >= 0:
+        parser.error(f"--guidance_scale must be >= 0 (<= 1: no classifier-free guidance), got {args.guidance_scale}.")
     return args
 
 
@@ -90,9 +92,13 @@ def prune_command(argv) -> int:
         repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     prune_blocks, pruned_by = args.prune_blocks, {"prune_blocks": args.prune_blocks}
     if args.scores is not None:
-        with open(args.scores) as f:
-            scores = json.load(f)
-        if "ranking" not in scores:
+        try:
+            with open(args.scores) as f:
+                scores = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"`--scores` {args.scores!r} is not JSON ({error}); pass a scores.json from "
+                             "`entprune score`.") from None
+        if not isinstance(scores, dict) or "ranking" not in scores:
             raise ValueError(f"`--scores` {args.scores!r} has no `ranking`; pass a scores.json from `entprune score`.")
         prune_blocks = scores["ranking"][: args.num_prune]
         pruned_by = {"scores": os.path.abspath(args.scores), "method": scores.get("method"),
@@ -102,6 +108,8 @@ def prune_command(argv) -> int:
     transformer = EntPrunedTransformer2DModel.from_pretrained(
         source, subfolder="transformer", revision=args.revision
     ).eval()
+    # the blocks are checked before any sampling: a wrong index must not cost a whole sampling run
+    transformer.check_prunable(prune_blocks, "--prune_blocks" if args.scores is None else "--num_prune/--scores")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = pipeline_cls.from_pretrained(source, transformer=transformer, revision=args.revision).to(device)
     id2label = load_id2label(source, revision=args.revision)
@@ -190,6 +198,14 @@ def _parse_score_args(argv):
         parser.error("--batch_size must be >= 1.")
     if args.resolution is not None and args.resolution < 1:
         parser.error("--resolution must be >= 1.")
+    low, high = args.timestep_range
+    if not 0.0 <= low < high <= 1.0:
+        parser.error(f"--timestep_range LOW HIGH must satisfy 0 <= LOW < HIGH <= 1 (fractions of the training time "
+                     f"range), got {low} {high}.")
+    if args.num_timestep_buckets < 1:
+        parser.error(f"--num_timestep_buckets must be >= 1, got {args.num_timestep_buckets}.")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must lie in [0, 2**32), got {args.seed}.")
     return args
 
 
@@ -271,17 +287,29 @@ def convert_command(argv) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} is not a file.")
+    for name in ("num_attention_heads", "sample_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)} (leave it out to read it off the weights).")
     from diffusers import AutoencoderKL
 
     from .convert import convert_to_pipeline
     from .export import check_output_dir
+    from .model_types import load_error
 
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     id2label = None
     if args.id2label:
-        with open(args.id2label) as f:
-            id2label = {int(k): v for k, v in json.load(f).items()}
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
+        try:
+            with open(args.id2label) as f:
+                id2label = {int(k): str(v) for k, v in json.load(f).items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, ValueError) as error:
+            raise ValueError(f"`--id2label` {args.id2label!r} is not a JSON object mapping class indices to names, "
+                             f'e.g. {{"0": "tench", "1": "goldfish"}} ({type(error).__name__}: {error}).') from None
+    try:
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
+    except OSError as error:
+        raise load_error("--vae", args.vae, error, "a diffusers AutoencoderKL",
+                         " (add `--vae_subfolder vae` for a pipeline folder's VAE)") from error
     out = convert_to_pipeline(args.checkpoint, vae, args.output_dir, args.model_type, args.num_attention_heads,
                               args.sample_size, id2label, overwrite=args.overwrite_output_dir)
     pipeline_class = "DiTPipeline" if args.model_type == "dit" else "diffusers_entprune.SiTPipeline"
@@ -388,7 +416,7 @@ def eval_command(argv) -> int:
     if args.original_model_name_or_path is not None:  # resolved before any sampling, so a bad path fails fast
         original_path = None if args.original_model_name_or_path == "embedded" else args.original_model_name_or_path
         original_type, original, original_name = resolve_source(
-            original_path, model_type if original_path is None else None)
+            original_path, model_type if original_path is None else None, argument="--original_model_name_or_path")
         if original_type != model_type:
             raise ValueError(f"`--original_model_name_or_path` is a {original_type.upper()} model but the evaluated "
                              f"model is {model_type.upper()}; compare a model with its own unpruned source.")
@@ -464,8 +492,16 @@ def _load_reference(args):
         style = args.reference.split(":")[1]
         return load_digits_dataset(style, split=args.reference_split), f"embedded:digits/{style}"
     local = os.path.isdir(args.reference)
-    dataset = load_image_dataset(None if local else args.reference, args.reference if local else None,
-                                 args.reference_split, args.reference_config_name)
+    try:
+        dataset = load_image_dataset(None if local else args.reference, args.reference if local else None,
+                                     args.reference_split, args.reference_config_name)
+    except ConnectionError as error:
+        raise ConnectionError(f"`--reference` {args.reference!r} is not a local folder and the Hub could not be "
+                              "reached for it (offline mode, HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or no network); "
+                              "download it once with the network on, or pass a local imagefolder / parquet folder or "
+                              f"one of {EMBEDDED_REFERENCES}. ({error.__cause__ or error})") from error
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"`--reference` {args.reference!r}: {error}") from error
     return dataset, args.reference
 
 

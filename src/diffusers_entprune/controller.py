@@ -29,6 +29,9 @@ def resolve_target(num_layers: int, target_prune_ratio: float | None = None, tar
         raise ValueError("Give exactly one of `target_prune_ratio` (a fraction of the blocks), `target_num_blocks` "
                          "(a number of blocks to remove) and `target_num_params` (a parameter budget).")
     if target_num_params is not None:
+        if params_per_block is None or params_outside_blocks is None:
+            raise ValueError("`target_num_params` needs `params_per_block` and `params_outside_blocks` (see "
+                             "`EntPrunedTransformer2DModel.parameter_counts`) to map the budget to blocks.")
         total = params_outside_blocks + num_layers * params_per_block
         if target_num_params < params_outside_blocks + params_per_block:
             raise ValueError(f"`target_num_params`={target_num_params:,} removes all {num_layers} blocks: one block "

@@ -16,7 +16,9 @@ convention the converted model equals a reference implementation of the original
 pruning script does anyway) adapts it to the diffusers features.
 """
 
+import argparse
 import math
+import pickle
 
 import torch
 
@@ -50,7 +52,16 @@ def load_original_state_dict(path: str) -> dict[str, torch.Tensor]:
 
         checkpoint = load_file(path)
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # tensors and containers only: unpickling anything else could run code
+            # the original training script stores its argparse.Namespace under "args": a plain attribute container
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+            raise pickle.UnpicklingError(
+                f"`checkpoint`={path!r} holds Python objects besides tensors and plain containers; loading them could "
+                "run arbitrary code, so it is refused. Re-save its state dict (or as .safetensors) where you trust "
+                f"the file.{f' ({found})' if found else ''}") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"`checkpoint`={path!r} does not hold a state dict.")
     for key in ("ema", "model"):

@@ -160,6 +160,10 @@ def evaluate_pipeline(pipe, reference_dataset, feature_network, num_samples: int
     start = time.time()
     config = pipe.transformer.config
     resolution = config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    outside = [label for label in class_labels or [] if not 0 <= label < config.num_embeds_ada_norm]
+    if outside:  # before the reference images are read
+        raise ValueError(f"`class_labels` must lie in 0..{config.num_embeds_ada_norm - 1} for this model, got "
+                         f"{outside[:5]}.")
 
     num_reference = len(reference_dataset) if max_reference_images is None else \
         min(max_reference_images, len(reference_dataset))

@@ -40,6 +40,9 @@ def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"`{argument}`={output_dir!r}: {probe!r} is a file, so no folder can be made under it; pass a "
+                         "folder path.")
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"`{argument}`={output_dir!r}: {probe!r} is not writable.")
 

@@ -131,7 +131,28 @@ def _describe(pruned_by) -> str:
     return str(pruned_by)
 
 
-def push_pruned_pipeline(folder: str, repo_id: str, token: str | None = None, private: bool = False,
+class Secret:
+    """A value (a Hub token) that does not print: its repr and str hide it, and it is not a ``str``, so code that
+    logs or records plain settings (e.g. a tracker's run config built from ``vars(args)``) leaves it out. `reveal`
+    gives it back to the one call that needs it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+def reveal(value):
+    """The value inside a `Secret`; anything else is returned as it is."""
+    return value._value if isinstance(value, Secret) else value
+
+
+def push_pruned_pipeline(folder: str, repo_id: str, token: str | Secret | None = None, private: bool = False,
                          commit_message: str = "Upload depth-pruned DiT pipeline (diffusers-entprune)",
                          ignore_patterns: list[str] | None = None) -> str:
     """Create ``repo_id`` if needed and upload the folder (less ``ignore_patterns``, e.g. training checkpoints).
@@ -139,7 +160,7 @@ def push_pruned_pipeline(folder: str, repo_id: str, token: str | None = None, pr
     used."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ValueError(f"`folder`={folder!r} is not a pipeline folder (no model_index.json).")
-    api = HfApi(token=token)
+    api = HfApi(token=reveal(token))
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message,
                                ignore_patterns=ignore_patterns)

@@ -10,6 +10,8 @@ A pipeline folder says which it is in ``model_index.json`` (``_class_name``), so
 family instead of asking for it.
 """
 
+import os
+
 from .embedded import TINY_DIT_DIR, TINY_SIT_DIR
 
 MODEL_TYPES = ("dit", "sit")
@@ -35,20 +37,49 @@ def pipeline_class(model_type: str):
     return DiTPipeline
 
 
-def detect_model_type(pretrained_model_name_or_path: str, revision: str | None = None) -> str:
+def load_error(argument: str, path: str, error: Exception, expected: str, folder_hint: str = "") -> OSError:
+    """An `OSError` for a folder or Hub id that did not load, naming ``argument`` and the likely cause (a folder of
+    another kind, a file, or a Hub id that offline mode keeps from being fetched); the caller raises it."""
+    from huggingface_hub import constants
+
+    if os.path.isdir(path):
+        why = f"this folder is not {expected}{folder_hint}"
+    elif os.path.exists(path):
+        why = f"this is a file, not {expected}"
+    elif path.startswith((os.sep, ".", "~")) or path.count("/") > 1:  # a path: a Hub id is `name` or `owner/name`
+        why = f"there is no such folder; pass {expected}"
+    elif constants.HF_HUB_OFFLINE:
+        why = (f"not a local folder, and HF_HUB_OFFLINE is set, so the Hub was not asked for {expected} (and its "
+               "cache holds no copy). Unset HF_HUB_OFFLINE to download it once, or pass a local folder")
+    else:
+        why = f"neither a local folder nor a Hub repository holding {expected} (check the id and the network)"
+    return OSError(f"`{argument}`={path!r}: {why}. ({type(error).__name__}: {error})")
+
+
+def detect_model_type(pretrained_model_name_or_path: str, revision: str | None = None,
+                      argument: str = "--pretrained_model_name_or_path") -> str:
     """``dit`` or ``sit``, from the ``_class_name`` in the pipeline folder's ``model_index.json``."""
     from diffusers import DiffusionPipeline
 
-    class_name = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision).get("_class_name")
+    try:
+        config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision)
+    except OSError as error:
+        raise load_error(argument, pretrained_model_name_or_path, error, "a DiTPipeline or SiTPipeline folder",
+                         " (it has no model_index.json; a transformer or UNet folder alone is not a pipeline). Pass "
+                         "a pipeline folder, or convert an original DiT/SiT checkpoint with `entprune convert`"
+                         ) from error
+    class_name = config.get("_class_name")
     for model_type, name in PIPELINE_CLASS_NAMES.items():
         if class_name == name:
             return model_type
-    raise ValueError(f"{pretrained_model_name_or_path!r} is a {class_name} folder; this package prunes DiTPipeline "
+    found = f"a {class_name} folder" if class_name else "a folder whose model_index.json names no pipeline class"
+    raise ValueError(f"`{argument}`={pretrained_model_name_or_path!r} is {found}; this package prunes DiTPipeline "
                      "and SiTPipeline folders. Convert an original DiT/SiT checkpoint with `entprune convert`.")
 
 
 def resolve_source(pretrained_model_name_or_path: str | None, model_type: str | None = None,
-                   revision: str | None = None) -> tuple[str, str, str]:
+                   revision: str | None = None,
+                   argument: str = "--pretrained_model_name_or_path") -> tuple[str, str, str]:
     """(model type, folder or Hub id to load, name for reports) of a command's base model.
 
     Without a path, the embedded tiny base of ``model_type`` (default ``dit``). With one, the type is read from its
@@ -57,9 +88,9 @@ def resolve_source(pretrained_model_name_or_path: str | None, model_type: str | 
     if pretrained_model_name_or_path is None:
         name, folder = EMBEDDED_BASES[check_model_type(model_type or "dit", "--model_type")]
         return model_type or "dit", folder, name
-    found = detect_model_type(pretrained_model_name_or_path, revision=revision)
+    found = detect_model_type(pretrained_model_name_or_path, revision=revision, argument=argument)
     if model_type not in (None, found):
-        raise ValueError(f"`--model_type`={model_type!r} does not match --pretrained_model_name_or_path "
+        raise ValueError(f"`--model_type`={model_type!r} does not match {argument} "
                          f"{pretrained_model_name_or_path!r}, which is a {found} pipeline. Drop `--model_type`.")
     return found, pretrained_model_name_or_path, pretrained_model_name_or_path
 

@@ -68,7 +68,16 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
         _check_embedder_policy(embedder_copies)
         load_kwargs = {k: kwargs[k] for k in ("subfolder", "cache_dir", "revision", "token", "local_files_only",
                                                "force_download", "proxies") if k in kwargs}
-        config = cls.load_config(pretrained_model_name_or_path, **load_kwargs)
+        try:
+            config = cls.load_config(pretrained_model_name_or_path, **load_kwargs)
+        except OSError as error:
+            from ..model_types import load_error
+
+            subfolder = load_kwargs.get("subfolder")
+            raise load_error("pretrained_model_name_or_path", str(pretrained_model_name_or_path), error,
+                             f"a DiT transformer{f' (in its {subfolder!r} subfolder)' if subfolder else ''}",
+                             "" if subfolder else " (for a pipeline folder, pass `subfolder='transformer'`)"
+                             ) from error
         check_dit_config(config, argument="pretrained_model_name_or_path", source=str(pretrained_model_name_or_path))
         kwargs.pop("output_loading_info", None)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -216,23 +225,28 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
         finally:
             self.skipped_block_indices = previous
 
+    def check_prunable(self, indices: Iterable[int], argument: str = "indices") -> list[int]:
+        """The sorted indices if `prune_blocks` would accept them; else the error it would raise (naming
+        ``argument``), without changing the model. For checking a request before any costly work."""
+        indices = self._validate_indices(indices, argument)
+        if len(indices) >= self.num_blocks:
+            raise ValueError(f"`{argument}`: pruning {len(indices)} of {self.num_blocks} remaining blocks keeps zero "
+                             "blocks; keep at least one.")
+        if self.kept_block_indices[0] in indices and self.embedder_copies == "keep":
+            raise ValueError(
+                f"`{argument}`: cannot prune block {self.kept_block_indices[0]} with `embedder_copies='keep'`: the "
+                "final layer reads the first block's embedder copy, which would change. Load the model with "
+                "`embedder_copies='tie'` or 'tie_to_first'."
+            )
+        return indices
+
     def prune_blocks(self, indices: Iterable[int]) -> list[int]:
         """Remove these blocks (original indices) from `transformer_blocks`. Returns the removed indices.
 
         Kept blocks keep their module (and parameter) identity, so optimizer state and EMA weights keyed by
         parameter stay valid for them.
         """
-        indices = self._validate_indices(indices, "indices")
-        if len(indices) >= self.num_blocks:
-            raise ValueError(f"`indices`: pruning {len(indices)} of {self.num_blocks} remaining blocks keeps zero "
-                             "blocks; keep at least one.")
-        first_block_goes = self.kept_block_indices[0] in indices
-        if first_block_goes and self.embedder_copies == "keep":
-            raise ValueError(
-                f"`indices`: cannot prune block {self.kept_block_indices[0]} with `embedder_copies='keep'`: the "
-                "final layer reads the first block's embedder copy, which would change. Load the model with "
-                "`embedder_copies='tie'` or 'tie_to_first'."
-            )
+        indices = self.check_prunable(indices)
         drop = set(indices)
         keep_positions = [p for p, i in enumerate(self.kept_block_indices) if i not in drop]
         self.transformer_blocks = nn.ModuleList([self.transformer_blocks[p] for p in keep_positions])

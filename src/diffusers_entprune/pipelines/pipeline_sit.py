@@ -111,7 +111,14 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError(f"`last_step_size` must lie in (0, 1), got {last_step_size}.")
         if sampler == "dopri5" and not (atol > 0 and rtol > 0):
             raise ValueError(f"`atol` and `rtol` must be > 0, got {atol} and {rtol}.")
+        if not guidance_scale >= 0:
+            raise ValueError(f"`guidance_scale` must be >= 0 (<= 1: no guidance), got {guidance_scale}.")
         config = self.transformer.config
+        null_class = int(config.num_embeds_ada_norm)
+        outside = [c for c in torch.as_tensor(class_labels).reshape(-1).tolist() if not 0 <= c <= null_class]
+        if outside:
+            raise ValueError(f"`class_labels` {outside[:5]} are outside the model's classes 0..{null_class - 1} "
+                             f"({null_class}: the null class, for unconditional samples).")
         batch = len(class_labels)
         latents = randn_tensor((batch, config.in_channels, config.sample_size, config.sample_size),
                                generator=generator, device=self._execution_device, dtype=self.transformer.dtype)
