@@ -153,7 +153,7 @@ def main():
     parser.add_argument("--ced_num_samples", type=int, default=4)
     parser.add_argument("--proxy_batch_size", type=int, default=2)
     parser.add_argument("--batch_size", type=int, nargs="+", default=[2], help="Training batch sizes to measure.")
-    parser.add_argument("--output_json", default=os.path.join(BENCH, "..", "build", "xl_real_size.json"))
+    parser.add_argument("--results", default=os.path.join(BENCH, "results", "xl_real_size.jsonl"))
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one stage in this process (JSON kwargs)
     args = parser.parse_args()
     if args.single:
@@ -167,20 +167,19 @@ def main():
                      for n in (28, 14) for c in (False, True)]
         else:
             jobs.append(dict(stage=name))
-    rows = []
     for job in jobs:
         command = [sys.executable, __file__, "--single", json.dumps(job), "--ced_num_samples",
                    str(args.ced_num_samples), "--proxy_batch_size", str(args.proxy_batch_size)]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"{job} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    with open(args.output_json, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {args.output_json}")
+        row = {**json.loads(out.stdout.strip().splitlines()[-1]), "date": time.strftime("%Y-%m-%d"),
+               "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0]}
+        print(json.dumps(row), flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        with open(args.results, "a") as f:  # row by row: a long run that stops keeps what it measured
+            f.write(json.dumps(row) + "\n")
+    print(f"appended to {args.results}")
 
 
 if __name__ == "__main__":
