@@ -142,3 +142,16 @@ def test_all_checkpoints_damaged_is_an_error_and_none_is_a_fresh_start(tmp_path)
         os.remove(folder / "model.safetensors")
     with pytest.raises(CorruptCheckpointError, match="Every checkpoint.*damaged.*--overwrite_output_dir"):
         latest_intact_checkpoint(str(tmp_path))
+
+
+def test_a_truncated_weights_file_gives_a_clear_error(tmp_path):
+    from diffusers_entprune.embedded import TINY_DIT_DIR
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_DIT_DIR, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(OSError, match="pretrained_model_name_or_path.*truncated or corrupted.*Re-download"):
+        EntPrunedTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")

@@ -80,7 +80,15 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
                              ) from error
         check_dit_config(config, argument="pretrained_model_name_or_path", source=str(pretrained_model_name_or_path))
         kwargs.pop("output_loading_info", None)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except OSError as error:
+            if "Unable to load weights" not in str(error):
+                raise
+            raise OSError(f"`pretrained_model_name_or_path`={pretrained_model_name_or_path!r}: the weights file "
+                          "cannot be read; it is truncated or corrupted (an interrupted copy or download?). "
+                          f"Re-download or re-export it. ({error})") from error
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             summary = "; ".join(f"{k}: {sorted(v)[:4]}{' ...' if len(v) > 4 else ''}" for k, v in problems.items())
