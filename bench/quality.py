@@ -305,6 +305,7 @@ def report(args):
         lines.append("")
     order = [m for m in ("fine_tune_only", "entpruner", "ced_fixed", "ced_one_shot", "random", "magnitude", "taylor",
                          "block_influence", "loss")]
+    lines += summary_tables(rows, order)
     for guidance in sorted({r["guidance_scale"] for r in rows if r["method"] not in ("real", "base")}, reverse=True):
         for budget in sorted({r["budget"] for r in rows if r["method"] not in ("real", "base")}):
             lines += [f"**Guidance {guidance}, budget {budget} steps** (mean ± std over seeds; random: over 3 ranking "
@@ -327,6 +328,65 @@ def report(args):
     print(text)
     plot(rows, args)
     return text
+
+
+def summary_tables(rows, order) -> list[str]:
+    """Methods against (ratio, budget) at the highest guidance scale: FID and class fidelity, mean ± std over seeds,
+    the best mean in bold; and per column the winner's margin against the spread between seeds."""
+    guidance = max(r["guidance_scale"] for r in rows if r["method"] not in ("real", "base"))
+    pruned = [r for r in rows if r["ratio"] > 0 and r["guidance_scale"] == guidance]
+    columns = sorted({(r["ratio"], r["budget"]) for r in pruned})
+    out = []
+    for metric, better in (("fid", min), ("class_fidelity", max)):
+        out += [f"**{metric.replace('_', ' ')} at guidance {guidance}** (columns: pruning ratio / fine-tuning steps; "
+                "mean ± std over training seeds, random over 3 ranking seeds too; best mean in bold)", "",
+                "| method | " + " | ".join(f"{ratio:.2f} / {budget}" for ratio, budget in columns) + " |",
+                "|---|" + "---|" * len(columns)]
+        ceiling = [r for r in rows if r["method"] == "fine_tune_only" and r["guidance_scale"] == guidance]
+        if ceiling:
+            out += ["The unpruned model fine-tuned alike (the ceiling): " + ", ".join(
+                f"{budget} steps {summarise([r for r in ceiling if r['budget'] == budget], metric)}"
+                for budget in sorted({r["budget"] for r in ceiling})) + ".", ""]
+        means = {}
+        for ratio, budget in columns:
+            for method in order:
+                chosen = [r[metric] for r in pruned if group_random(r["method"]) == method and r["ratio"] == ratio
+                          and r["budget"] == budget]
+                if chosen:
+                    means[(method, ratio, budget)] = chosen
+        for method in order:
+            cells = []
+            for ratio, budget in columns:
+                values = means.get((method, ratio, budget))
+                if not values:
+                    cells.append("")
+                    continue
+                best = better(statistics.fmean(v) for (m, r, b), v in means.items() if (r, b) == (ratio, budget))
+                text = f"{statistics.fmean(values):.3g}" + (f" ± {statistics.stdev(values):.2g}"
+                                                           if len(values) > 1 else "")
+                cells.append(f"**{text}**" if statistics.fmean(values) == best else text)
+            if any(cells):
+                out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+        verdicts = []
+        for ratio, budget in columns:
+            ranked = sorted(((statistics.fmean(v), m) for (m, r, b), v in means.items() if (r, b) == (ratio, budget)),
+                            reverse=better is max)
+            spreads = [statistics.stdev(v) for (m, r, b), v in means.items() if (r, b) == (ratio, budget)
+                       and len(v) > 1]
+            entpruner = next((mean for mean, m in ranked if m == "entpruner"), None)
+            if len(ranked) < 2:
+                continue
+            text = (f"{ratio:.2f} / {budget}: {ranked[0][1]} {ranked[0][0]:.3g}, ahead of {ranked[1][1]} by "
+                    f"{abs(ranked[0][0] - ranked[1][0]):.2g}")
+            if spreads:
+                text += f" (largest seed std in the column {max(spreads):.2g})"
+            if entpruner is not None and ranked[0][1] != "entpruner":
+                rank = [m for _, m in ranked].index("entpruner") + 1
+                text += f"; entpruner {entpruner:.3g}, rank {rank} of {len(ranked)}"
+            verdicts.append(text)
+        out += [f"Per column ({metric.replace('_', ' ')}): " + "; ".join(verdicts) + ".", ""]
+    return out
 
 
 def plot(rows, args):
