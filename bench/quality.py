@@ -338,15 +338,15 @@ def summary_tables(rows, order) -> list[str]:
     columns = sorted({(r["ratio"], r["budget"]) for r in pruned})
     out = []
     for metric, better in (("fid", min), ("class_fidelity", max)):
-        out += [f"**{metric.replace('_', ' ')} at guidance {guidance}** (columns: pruning ratio / fine-tuning steps; "
-                "mean ± std over training seeds, random over 3 ranking seeds too; best mean in bold)", "",
-                "| method | " + " | ".join(f"{ratio:.2f} / {budget}" for ratio, budget in columns) + " |",
-                "|---|" + "---|" * len(columns)]
         ceiling = [r for r in rows if r["method"] == "fine_tune_only" and r["guidance_scale"] == guidance]
         if ceiling:
             out += ["The unpruned model fine-tuned alike (the ceiling): " + ", ".join(
                 f"{budget} steps {summarise([r for r in ceiling if r['budget'] == budget], metric)}"
                 for budget in sorted({r["budget"] for r in ceiling})) + ".", ""]
+        out += [f"**{metric.replace('_', ' ')} at guidance {guidance}** (columns: pruning ratio / fine-tuning steps; "
+                "mean ± std over training seeds, random over 3 ranking seeds too; best mean in bold)", "",
+                "| method | " + " | ".join(f"{ratio:.2f} / {budget}" for ratio, budget in columns) + " |",
+                "|---|" + "---|" * len(columns)]
         means = {}
         for ratio, budget in columns:
             for method in order:
@@ -377,8 +377,9 @@ def summary_tables(rows, order) -> list[str]:
             entpruner = next((mean for mean, m in ranked if m == "entpruner"), None)
             if len(ranked) < 2:
                 continue
-            text = (f"{ratio:.2f} / {budget}: {ranked[0][1]} {ranked[0][0]:.3g}, ahead of {ranked[1][1]} by "
-                    f"{abs(ranked[0][0] - ranked[1][0]):.2g}")
+            margin = abs(ranked[0][0] - ranked[1][0])
+            text = (f"{ratio:.2f} / {budget}: {ranked[0][1]} {ranked[0][0]:.3g}, "
+                    + (f"ahead of {ranked[1][1]} by {margin:.2g}" if margin else f"tied with {ranked[1][1]}"))
             if spreads:
                 text += f" (largest seed std in the column {max(spreads):.2g})"
             if entpruner is not None and ranked[0][1] != "entpruner":
