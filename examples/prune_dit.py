@@ -83,7 +83,6 @@ from diffusers_entprune.training_state import prune_training_state, reprepare_mo
 logger = get_logger(__name__)
 
 
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
@@ -330,15 +329,15 @@ def save_ema(ema, folder: str) -> dict:
     return state
 
 
-def load_ema(ema, folder: str) -> None:
+def load_ema(ema, folder: str, settings: dict | None) -> None:
+    """Restore what `save_ema` wrote (``settings``: the scalars kept in the checkpoint's state file)."""
     path = os.path.join(folder, EMA_WEIGHTS_NAME)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or settings is None:
         raise ValueError(f"`--resume_from_checkpoint`: {folder!r} has no {EMA_WEIGHTS_NAME}, but `--use_ema` is set. "
                          "Resume without `--use_ema` (the EMA restarts from the weights) or from a checkpoint of a "
                          "run that used it.")
     shadows = load_file(path)
-    ema.load_state_dict({**read_state(folder)["ema"],
-                         "shadow_params": [shadows[f"shadow.{i}"] for i in range(len(shadows))]})
+    ema.load_state_dict({**settings, "shadow_params": [shadows[f"shadow.{i}"] for i in range(len(shadows))]})
 
 
 def save_checkpoint(accelerator, args, global_step: int, controller, stage_times: list, ema=None) -> str:
@@ -474,7 +473,7 @@ def main(argv=None):
         rank_once=args.rank_once)
     global_step, stage_times = 0, []
     if resume_path is not None:
-        saved = read_state(resume_path)
+        saved = read_state(resume_path, verify=False)  # verified by resolve_resume_path
         controller.load_state_dict(saved["controller"])
         global_step, stage_times = saved["global_step"], saved["stage_times"]
         if controller.pruned_blocks:  # the same architecture before the weights are loaded
@@ -507,7 +506,7 @@ def main(argv=None):
         accelerator.load_state(resume_path)
     if ema is not None:
         if resume_path is not None:
-            load_ema(ema, resume_path)
+            load_ema(ema, resume_path, saved.get("ema"))
         ema.to(device)
 
     # ---- data streams: training batches (exactly resumable) and the fixed pool for CED and the proxies

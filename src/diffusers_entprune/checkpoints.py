@@ -51,8 +51,9 @@ def write_state(folder: str, state: dict) -> None:
     os.replace(tmp, os.path.join(folder, STATE_NAME))
 
 
-def read_state(folder: str) -> dict:
-    """The state of a verified checkpoint; `CorruptCheckpointError` naming the first bad file otherwise."""
+def read_state(folder: str, verify: bool = True) -> dict:
+    """The state of a verified checkpoint; `CorruptCheckpointError` naming the first bad file otherwise
+    (``verify=False``: read the state file only, for a checkpoint verified just before)."""
     path = os.path.join(folder, STATE_NAME)
     if not os.path.isfile(path):
         raise CorruptCheckpointError(f"{folder!r} has no {STATE_NAME}: not a complete checkpoint of this script.")
@@ -62,6 +63,8 @@ def read_state(folder: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CorruptCheckpointError(f"{path!r} is not valid JSON ({error}); the checkpoint is damaged.") from None
     files = state.get("files")
+    if not verify:
+        return state
     if files is None:  # written before manifests existed: nothing to check against
         logger.warning(f"{folder!r} has no file manifest; resuming from it unverified.")
         return state
