@@ -4,7 +4,8 @@ A training run's randomness (horizontal flip, label dropout, the VAE posterior s
 is tied to the sample, not to the process that happens to hold it. With `ShuffledShardSampler` putting the global
 stream's position n on process n mod P, one process with a batch of B and P processes with B / P each see the same
 images with the same draws, so a run gives the same model whatever the number of processes (up to float summation
-order), and a checkpoint resumes under a different number of processes as if it had not stopped.
+order), and a checkpoint resumes under a different number of processes as if it had not stopped. (A streamed
+dataset is split between processes by `datasets` instead, so there only the draws, not the images, line up.)
 """
 
 from dataclasses import dataclass
