@@ -516,7 +516,7 @@ def main(argv=None):
     latent_shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
     null_class = transformer.null_class_label
     loader = training_dataloader(dataset, collate, args.train_batch_size, args.seed, accelerator.process_index,
-                                 accelerator.num_processes, skip_samples=micro_batches_done * args.train_batch_size,
+                                 accelerator.num_processes, skip_samples=samples_seen,
                                  num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
     pool_latents, pool_labels = None, None
     if not controller.finished and num_to_prune:

@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_cli import source_pipeline  # noqa: F401  (fixture)
-from test_prune_dit_script import prune_dit, tiny_args
+from test_prune_dit_script import prune_dit, tiny_args, weights
 
 from diffusers_entprune.checkpoints import (
     CorruptCheckpointError,
@@ -37,9 +36,8 @@ def run(point: str, count: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def outcome(folder):
-    report = json.load(open(os.path.join(folder, "entprune_report.json")))
-    weights = load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
-    return report, weights
+    """(entprune_report.json, the exported transformer's weights) of a finished run."""
+    return json.load(open(os.path.join(folder, "entprune_report.json"))), weights(folder)
 
 
 def assert_same_run(a, b):
@@ -150,8 +148,8 @@ def test_a_truncated_weights_file_gives_a_clear_error(tmp_path):
 
     folder = tmp_path / "model"
     shutil.copytree(TINY_DIT_DIR, folder)
-    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    with open(weights, "r+b") as f:
-        f.truncate(os.path.getsize(weights) // 2)
+    weights_file = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    with open(weights_file, "r+b") as f:
+        f.truncate(os.path.getsize(weights_file) // 2)
     with pytest.raises(OSError, match="pretrained_model_name_or_path.*truncated or corrupted.*Re-download"):
         EntPrunedTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")

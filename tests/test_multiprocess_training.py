@@ -1,15 +1,14 @@
 """Several processes: training with two CPU processes (gloo) gives the model of one process with the same global
 batch and seed, and a checkpoint written under one number of processes resumes under the other."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 from test_cli import source_pipeline  # noqa: F401  (fixture)
+from test_faults import outcome
 from test_prune_dit_script import SCRIPT, prune_dit, tiny_args
 
 # three pruning stages (steps 0, 3, 6), a checkpoint every 3 steps, 12 steps, EMA; global batch 6
@@ -44,12 +43,6 @@ def train(source, out, num_processes: int, *extra):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-
-
-def outcome(folder):
-    report = json.load(open(os.path.join(folder, "entprune_report.json")))
-    weights = load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
-    return report, weights
 
 
 def max_weight_difference(a, b) -> float:

@@ -145,6 +145,12 @@ def distribution_metrics(real: Features, fake: Features, real_labels: torch.Tens
     return metrics
 
 
+def _check_class_labels(class_labels: list[int], num_classes: int, source: str = "") -> None:
+    outside = [label for label in class_labels if not 0 <= label < num_classes]
+    if outside:
+        raise ValueError(f"`class_labels`{source} must lie in 0..{num_classes - 1} for this model, got {outside[:5]}.")
+
+
 def evaluate_pipeline(pipe, reference_dataset, feature_network, num_samples: int = 1000, seed: int = 0,
                       guidance_scale: float = 4.0, num_inference_steps: int = 50, batch_size: int = 32,
                       class_labels: list[int] | None = None, image_column: str = "image",
@@ -160,10 +166,8 @@ def evaluate_pipeline(pipe, reference_dataset, feature_network, num_samples: int
     start = time.time()
     config = pipe.transformer.config
     resolution = config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    outside = [label for label in class_labels or [] if not 0 <= label < config.num_embeds_ada_norm]
-    if outside:  # before the reference images are read
-        raise ValueError(f"`class_labels` must lie in 0..{config.num_embeds_ada_norm - 1} for this model, got "
-                         f"{outside[:5]}.")
+    if class_labels is not None:  # before the reference images are read
+        _check_class_labels(class_labels, config.num_embeds_ada_norm)
 
     num_reference = len(reference_dataset) if max_reference_images is None else \
         min(max_reference_images, len(reference_dataset))
@@ -173,9 +177,8 @@ def evaluate_pipeline(pipe, reference_dataset, feature_network, num_samples: int
     if class_labels is None:
         all_labels = gather_in_order(accelerator, reference_indices, real_labels)
         class_labels = sorted({int(label) for label in all_labels.tolist() if label >= 0})
+        _check_class_labels(class_labels, config.num_embeds_ada_norm, " (the reference data's labels)")
     labels = balanced_labels(class_labels, num_samples)
-    if any(not 0 <= label < config.num_embeds_ada_norm for label in labels):
-        raise ValueError(f"`class_labels` must lie in 0..{config.num_embeds_ada_norm - 1} for this model.")
     sample_indices = shard_indices(num_samples, process_index, num_processes)
     fake_images = generate_images(pipe, labels, sample_indices, seed, batch_size, guidance_scale,
                                   num_inference_steps, progress=progress, **call_kwargs)
