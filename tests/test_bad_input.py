@@ -188,8 +188,13 @@ def taken_output_dir(c):
 
 
 def read_only(monkeypatch, c):
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK else real(path, mode, **kw))
+    """Writing a file anywhere fails, as on a read-only mount (where `os.access` still says yes to root)."""
+    import diffusers_entprune.output_dir as output_dir
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(output_dir.tempfile, "mkstemp", refuse)
 
 
 def offline(monkeypatch, c):
@@ -340,10 +345,11 @@ CASES = [
     Case("script-output-dir-under-a-file", S, script("--output_dir", "{tmp}/blocker/out"), ValueError,
          r"`--output_dir`=.*blocker/out': .*blocker' is a file, so no folder can be made under it",
          prepare=write_blocker),
-    Case("script-output-dir-read-only", S, script(), PermissionError, r"`--output_dir`=.* is not writable",
+    Case("script-output-dir-read-only", S, script(), PermissionError,
+         r"`--output_dir`=.*cannot write in .*Read-only file system",
          patch=read_only),
     Case("script-output-dir-taken", S, script(), FileExistsError,
-         r"`--output_dir`=.* already holds files.*--resume_from_checkpoint latest.*--overwrite_output_dir",
+         r"`--output_dir`=.* already holds an earlier output of this command.*--overwrite_output_dir",
          prepare=taken_output_dir),
     Case("script-resume-from-nothing", S, script("--resume_from_checkpoint", "{tmp}/checkpoint-9"), ValueError,
          r"`--resume_from_checkpoint`=.*checkpoint-9' is not a checkpoint of this script.*or 'latest'"),
@@ -373,7 +379,7 @@ CASES = [
          r"one of the arguments --prune_blocks --scores is required"),
     Case("cli-prune-output-dir-under-a-file", C,
          command("prune", "--prune_blocks", "1", "--output_dir", "{tmp}/blocker/out"), ValueError,
-         r"`output_dir`=.*blocker' is a file, so no folder can be made under it", prepare=write_blocker),
+         r"`--output_dir`=.*blocker' is a file, so no folder can be made under it", prepare=write_blocker),
     # ---- entprune score
     Case("cli-score-one-sample", C, command(*SCORE, "--num_samples", "1"), E, r"--num_samples must be >= 2"),
     Case("cli-score-batch-size-zero", C, command(*SCORE, "--batch_size", "0"), E, r"--batch_size must be >= 1"),
@@ -386,7 +392,7 @@ CASES = [
          r"argument --method: invalid choice: 'entropy'"),
     Case("cli-score-label-column-missing", C, command(*SCORE, "--label_column", "digit"), ValueError,
          r"`label_column`='digit' is not a column"),
-    Case("cli-score-output-dir-is-a-file", C, command(*SCORE), ValueError, r"`output_dir`=.* is a file",
+    Case("cli-score-output-dir-is-a-file", C, command(*SCORE), ValueError, r"`--output_dir`=.* is a file",
          prepare=write_file),
     # ---- entprune eval
     Case("cli-eval-too-few-samples", C, command(*EVAL, "--num_samples", "2"), E,

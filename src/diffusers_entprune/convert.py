@@ -175,11 +175,12 @@ def convert_to_pipeline(checkpoint: str, vae, output_dir: str, model_type: str =
     scheduler; Heun, dopri5 and SDE samplers are options of its call). Both go through `save_pruned_pipeline`
     (weights read back and checked, with a report and a model card).
     """
-    from .export import check_output_dir, save_pruned_pipeline
+    from .export import save_pruned_pipeline
     from .model_types import check_model_type
+    from .output_dir import check_output_dir
 
     check_model_type(model_type)
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, inputs={"checkpoint": checkpoint})
     model = transformer_from_original(load_original_state_dict(checkpoint), num_attention_heads, sample_size)
     if model.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"`vae` has {vae.config.latent_channels} latent channels but the checkpoint expects "

@@ -8,12 +8,9 @@ is written under a temporary name and renamed into place, so an interrupted save
 folder under ``output_dir``.
 """
 
-import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from diffusers import DiTPipeline, DiTTransformer2DModel
@@ -22,53 +19,9 @@ from . import __version__
 from .hub import write_model_card
 from .model_types import pipeline_class
 from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
+from .output_dir import check_output_dir, staged_output_dir  # noqa: F401  (the output-folder rules live there)
 
 REPORT_NAME = "entprune_report.json"
-
-
-def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "output_dir", hint: str = "") -> None:
-    """Fail before any heavy work if ``output_dir`` cannot receive a new model folder (``hint``: another way out,
-    added to the message when the folder is taken)."""
-    if os.path.isfile(output_dir):
-        raise ValueError(f"`{argument}`={output_dir!r} is a file; pass a folder path.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(
-            f"`{argument}`={output_dir!r} already holds files (a different model?). {hint}Choose another folder or "
-            "pass `overwrite=True` (`--overwrite_output_dir` on the command line) to replace it."
-        )
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"`{argument}`={output_dir!r}: {probe!r} is a file, so no folder can be made under it; pass a "
-                         "folder path.")
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"`{argument}`={output_dir!r}: {probe!r} is not writable.")
-
-
-@contextlib.contextmanager
-def staged_output_dir(output_dir: str):
-    """Yield a temporary folder beside ``output_dir``; when the block finishes, it replaces ``output_dir``.
-
-    An error inside the block leaves ``output_dir`` as it was and removes the temporary folder; a previous
-    ``output_dir`` is removed only after the new one is in place. (Call `check_output_dir` first.)
-    """
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    name = os.path.basename(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "previous"))
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_id2label(pretrained_model_name_or_path, **kwargs) -> dict[int, str] | None:
@@ -116,7 +69,8 @@ def save_pruned_pipeline(
     ``"dit"``) or a `SiTPipeline` folder (``"sit"``).
 
     Args:
-        output_dir: destination folder; must be empty or absent unless ``overwrite``.
+        output_dir: destination folder; must be empty or absent unless ``overwrite``, which replaces only an earlier
+            pipeline output there (never foreign files, never the folders the models were loaded from).
         id2label: class names, saved in ``model_index.json`` so that ``pipe.get_label_ids([...])`` works.
         report: extra entries for ``entprune_report.json`` (scores, decisions, training settings).
         dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size); the models
@@ -127,7 +81,10 @@ def save_pruned_pipeline(
 
     Returns the output folder.
     """
-    check_output_dir(output_dir, overwrite)
+    # the folders the models were loaded from are inputs: never written into, never replaced
+    check_output_dir(output_dir, overwrite, inputs={
+        "transformer (loaded from)": getattr(getattr(transformer, "config", None), "_name_or_path", None),
+        "vae (loaded from)": getattr(getattr(vae, "config", None), "_name_or_path", None)})
     pipeline_cls = pipeline_class(model_type)
     if isinstance(transformer, EntPrunedTransformer2DModel):
         plain = transformer.to_dit_transformer(share_weights=True)
@@ -138,7 +95,7 @@ def save_pruned_pipeline(
     if dtype is not None:
         plain, vae = _copy_to_dtype(plain, dtype), _copy_to_dtype(vae, dtype)
 
-    with staged_output_dir(output_dir) as tmp:
+    with staged_output_dir(output_dir, kind="pipeline", command="save_pruned_pipeline") as tmp:
         pipe = pipeline_cls(transformer=plain, vae=vae, scheduler=scheduler, id2label=id2label)
         if id2label is not None:
             pipe.register_to_config(id2label={int(k): v for k, v in id2label.items()})

@@ -162,8 +162,10 @@ def push_pruned_pipeline(folder: str, repo_id: str, token: str | Secret | None =
         raise ValueError(f"`folder`={folder!r} is not a pipeline folder (no model_index.json).")
     api = HfApi(token=reveal(token))
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    from .output_dir import LOCK_NAME, MARKER_NAME  # bookkeeping of this machine's folder, not of the model
+
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message,
-                               ignore_patterns=ignore_patterns)
+                               ignore_patterns=list(ignore_patterns or []) + [MARKER_NAME, LOCK_NAME])
     return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 
