@@ -4,8 +4,13 @@ A checkpoint folder is written under a temporary name and renamed into place whe
 leaves no ``checkpoint-N``. That does not protect against what happens later (a disk that fills, a copy cut short,
 bit rot), so the state file also lists every file's size and SHA-256; `verify_checkpoint` checks them, and
 `latest_intact_checkpoint` falls back to the newest checkpoint that passes.
+
+A checkpoint is only written when the training state is finite (the script checks it first), and its state file
+records that (`FINITE_KEY`), so a divergence error can name a checkpoint that is really good (`last_good_checkpoint`).
+A write that fails because the disk or quota is full is reported as such (`is_disk_full`, `disk_full_message`).
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,10 +21,19 @@ logger = logging.getLogger(__name__)
 
 STATE_NAME = "entprune_state.json"  # pruning state and the file manifest, written last into every checkpoint
 STAGING_PREFIXES = (".checkpoint-", ".export-")  # what an interrupted save or export leaves in output_dir
+FINITE_KEY = "checked_finite"  # in the state file: weights, optimizer state and EMA were all finite when saved
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# what torch's zip writer (torch.save) and safetensors raise instead of an OSError when a write fails
+DISK_FULL_MESSAGES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left on device",
+                      "Disk quota exceeded", "StorageFull", "QuotaExceeded")
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint folder whose files do not match its manifest (truncated, altered or missing)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written because the disk (or the quota) is full."""
 
 
 def _sha256(path: str) -> str:
@@ -123,3 +137,55 @@ def remove_stale_staging(output_dir: str) -> list[str]:
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
     return stale
+
+
+def last_good_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint whose state file records that its training state was checked finite when saved
+    (checkpoints of older versions of the script were not checked, and may hold what diverged). Its files are not
+    hashed here: this names a checkpoint in an error message; resuming verifies it."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        try:
+            if read_state(folder, verify=False).get(FINITE_KEY):
+                return folder
+        except CorruptCheckpointError:
+            continue
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says that a write failed for lack of space or quota."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in DISK_FULL_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
+def disk_full_message(staging: str, final: str, output_dir: str, total_limit: int | None) -> str:
+    """What to tell the user when writing the checkpoint ``final`` through ``staging`` ran out of space (call it
+    after removing ``staging``: the free space it reports is what is left)."""
+    try:
+        free = f"{_gigabytes(shutil.disk_usage(output_dir).free)} free now"
+    except OSError:
+        free = "free space unknown"
+    return (f"Could not write {os.path.basename(final)}: the disk is probably full (or the quota used up) on the "
+            f"filesystem mounted at {_mount_point(output_dir)}, which holds `--output_dir` {output_dir} ({free}). The "
+            f"incomplete {os.path.basename(staging)} was removed and never renamed into place, so "
+            "`--resume_from_checkpoint latest` will not use it; older checkpoints are untouched. Free some space "
+            f"there, or keep fewer checkpoints with a lower `--checkpoints_total_limit` (now {total_limit}), then "
+            "continue with the same arguments plus `--resume_from_checkpoint latest`.")

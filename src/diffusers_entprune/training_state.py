@@ -71,3 +71,36 @@ def reprepare_model(accelerator, wrapped_model, module):
     module.__dict__.pop("_original_forward", None)
     return accelerator.prepare_model(module)
 
+
+def nonfinite_training_state(model, optimizer=None, ema=None) -> list[str]:
+    """What holds inf or NaN among ``model``'s trainable weights, their optimizer state and their EMA weights
+    (empty: all finite). A finite loss does not rule it out: the gradient or the update itself can overflow, and a
+    checkpoint of such a state would resume straight into the divergence. One host sync per device."""
+    import torch
+
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    named = [(f"weight {name}", p.detach()) for name, p in params]
+    if optimizer is not None:
+        state = _base_optimizer(optimizer).state
+        named += [(f"optimizer state {key!r} of {name}", value) for name, p in params
+                  for key, value in state.get(p, {}).items() if torch.is_tensor(value) and value.is_floating_point()]
+    if ema is not None:  # the EMA's shadows follow the trainable parameters' order (see prune_training_state)
+        named += [(f"EMA weight of {name}", shadow) for (name, _), shadow in zip(params, ema.shadow_params)]
+    finite = {}
+    for device in {t.device for _, t in named}:  # AdamW keeps its step counts on the CPU
+        group = [(name, t) for name, t in named if t.device == device]
+        flags = torch.stack([torch.isfinite(t).all() for _, t in group]).tolist()
+        finite.update(zip([name for name, _ in group], flags))
+    return [name for name, _ in named if not finite[name]]
+
+
+def set_base_learning_rate(lr_scheduler, learning_rate: float) -> None:
+    """Run a restored schedule from ``learning_rate`` on: the schedule's saved state brings back the old base rate,
+    which would silently ignore a new `--learning_rate` given on resume. For the `LambdaLR` schedules diffusers'
+    `get_scheduler` builds (every one of them), under accelerate's wrapper or not."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
