@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--zico_num_batches", type=int, default=2)
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # one run, JSON on stdout
     args = parser.parse_args()
+    if args.zico_num_batches < 2:  # ZiCo's deviation across mini-batches needs two
+        parser.error(f"--zico_num_batches must be >= 2, got {args.zico_num_batches}.")
     if args.single:
         print(json.dumps(run(args.config, args.proxy_batch_size[0], args.zico_num_batches)))
         return

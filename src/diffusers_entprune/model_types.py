@@ -16,6 +16,10 @@ from .embedded import TINY_DIT_DIR, TINY_SIT_DIR
 
 MODEL_TYPES = ("dit", "sit")
 PIPELINE_CLASS_NAMES = {"dit": "DiTPipeline", "sit": "SiTPipeline"}
+PIPELINE_COMPONENTS = ("transformer", "vae", "scheduler")  # what a DiTPipeline and a SiTPipeline are made of
+PIPELINE_LAYOUT = ("model_index.json, transformer/ and vae/ (each a config.json and its weights, "
+                   "diffusion_pytorch_model.safetensors) and scheduler/ (scheduler_config.json)")
+DIT_NULL_CLASS = 1000  # the class diffusers' DiTPipeline guides with: hard-coded, not read from the config
 EMBEDDED_BASES = {"dit": ("embedded:tiny-dit-digits", TINY_DIT_DIR), "sit": ("embedded:tiny-sit-digits", TINY_SIT_DIR)}
 
 
@@ -71,10 +75,58 @@ def detect_model_type(pretrained_model_name_or_path: str, revision: str | None =
     class_name = config.get("_class_name")
     for model_type, name in PIPELINE_CLASS_NAMES.items():
         if class_name == name:
+            check_pipeline_folder(pretrained_model_name_or_path, config, argument)
             return model_type
     found = f"a {class_name} folder" if class_name else "a folder whose model_index.json names no pipeline class"
     raise ValueError(f"`{argument}`={pretrained_model_name_or_path!r} is {found}; this package prunes DiTPipeline "
                      "and SiTPipeline folders. Convert an original DiT/SiT checkpoint with `entprune convert`.")
+
+
+def check_pipeline_folder(path: str, config: dict, argument: str = "--pretrained_model_name_or_path") -> None:
+    """Name the missing part of a DiT/SiT pipeline: diffusers reports a missing sub-folder as "no config.json" in
+    the folder's root. A Hub id's index is checked; its files are fetched (and checked by diffusers) on loading."""
+    class_name = config.get("_class_name")
+    unlisted = [name for name in PIPELINE_COMPONENTS
+                if not isinstance(config.get(name), (list, tuple)) or None in config[name]]
+    if unlisted:
+        raise ValueError(f"`{argument}`={path!r}: its model_index.json lists no {', '.join(unlisted)} component; a "
+                         f"{class_name} needs {', '.join(PIPELINE_COMPONENTS)}. Export the pipeline again (e.g. "
+                         "`entprune convert`).")
+    if not os.path.isdir(path):
+        return
+    for name in PIPELINE_COMPONENTS:
+        folder = os.path.join(path, name)
+        config_name = "scheduler_config.json" if name == "scheduler" else "config.json"
+        if not os.path.isdir(folder):
+            problem = f"it has no `{name}/` sub-folder"
+        elif not os.path.isfile(os.path.join(folder, config_name)):
+            problem = f"its `{name}/` sub-folder has no {config_name}"
+        elif name != "scheduler" and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+            problem = f"its `{name}/` sub-folder has no weights (diffusion_pytorch_model.safetensors)"
+        else:
+            continue
+        raise FileNotFoundError(f"`{argument}`={path!r} is a {class_name} folder, but {problem}. A DiT/SiT pipeline "
+                                f"folder holds {PIPELINE_LAYOUT}; copy the missing part from the pipeline it came "
+                                "from, or export it again.")
+
+
+def check_null_class(model_type: str, source: str, revision: str | None = None,
+                     argument: str = "--pretrained_model_name_or_path") -> None:
+    """Refuse a DiT that `DiTPipeline` cannot sample with guidance: it guides with class 1000 whatever the model,
+    so a DiT must have exactly 1000 classes (an export of one with fewer fails in sampling, one with more guides
+    with a real class). `SiTPipeline` reads the null class from the config, so a SiT may have any number."""
+    if check_model_type(model_type) != "dit":
+        return
+    from diffusers import DiTTransformer2DModel
+
+    num_classes = DiTTransformer2DModel.load_config(source, subfolder="transformer", revision=revision).get(
+        "num_embeds_ada_norm")
+    if num_classes is not None and num_classes != DIT_NULL_CLASS:
+        raise ValueError(f"`{argument}`={source!r} is a DiT of num_embeds_ada_norm={num_classes} classes, but "
+                         f"diffusers' DiTPipeline guides with the hard-coded null class {DIT_NULL_CLASS}, so it can "
+                         f"sample only DiTs of exactly {DIT_NULL_CLASS} classes, and the pruned model could not be "
+                         f"sampled. Start from a DiT with {DIT_NULL_CLASS} class embeddings (a downstream dataset "
+                         "of K classes trains ids 0..K-1 of them).")
 
 
 def resolve_source(pretrained_model_name_or_path: str | None, model_type: str | None = None,

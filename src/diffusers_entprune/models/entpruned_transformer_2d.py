@@ -225,13 +225,14 @@ class EntPrunedTransformer2DModel(DiTTransformer2DModel):
 
     @contextlib.contextmanager
     def skipping(self, indices: Iterable[int]):
-        """Context manager: skip ``indices`` inside the ``with`` block, then restore the previous skips."""
+        """Context manager: skip ``indices`` inside the ``with`` block, then restore the previous skips of the blocks
+        still in the model (a block pruned inside the block is gone, so it cannot stay skipped)."""
         previous = set(self.skipped_block_indices)
         self.skip_blocks(indices)
         try:
             yield self
         finally:
-            self.skipped_block_indices = previous
+            self.skipped_block_indices = previous & set(self.kept_block_indices)
 
     def check_prunable(self, indices: Iterable[int], argument: str = "indices") -> list[int]:
         """The sorted indices if `prune_blocks` would accept them; else the error it would raise (naming
