@@ -28,6 +28,8 @@ The output folder is a plain `DiTPipeline` (a `SiTPipeline` for SiT; EMA weights
 loads without this package, with ``entprune_report.json`` (every decision, the CED scores, the measured sampling
 speedup), ``ced.png``, ``samples.png`` (original vs pruned, same seeds), validation grids, a model card, and the
 ``checkpoint-*`` folders that ``--resume_from_checkpoint latest`` continues from (same architecture, same schedule).
+SIGTERM (preemption) ends the run after the step in progress with a checkpoint and exit status 143
+(diffusers_entprune/preemption.py).
 """
 
 import argparse
@@ -47,8 +49,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusers_entprune.checkpoints import (
+    FINITE_KEY,
     STATE_NAME,
+    CheckpointWriteError,
     CorruptCheckpointError,
+    disk_full_message,
+    is_disk_full,
+    last_good_checkpoint,
     latest_intact_checkpoint,
     list_checkpoints,
     read_state,
@@ -58,27 +65,59 @@ from diffusers_entprune.checkpoints import (
 )
 from diffusers_entprune.controller import PRUNING_MODES, AdaptivePruningController, decision_steps, resolve_target
 from diffusers_entprune.data import (
+    BadImageTally,
     LatentBatches,
     PixelCollate,
     check_columns,
     load_dataset_or_embedded,
+    prepare_labels,
     repeat_batches,
     shard_batches,
     training_dataloader,
     vae_scale_factor,
 )
-from diffusers_entprune.export import check_output_dir, load_id2label, save_pruned_pipeline
+from diffusers_entprune.export import load_id2label, save_pruned_pipeline
 from diffusers_entprune.hub import Secret, check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import RANKING_METHODS, CEDOptions, score_blocks
 from diffusers_entprune.lora import add_lora, merge_lora
-from diffusers_entprune.model_types import MODEL_TYPES, objective_for, pipeline_class, resolve_source
+from diffusers_entprune.model_types import (
+    MODEL_TYPES,
+    check_null_class,
+    objective_for,
+    pipeline_class,
+    resolve_source,
+)
 from diffusers_entprune.models import EntPrunedTransformer2DModel
+from diffusers_entprune.output_dir import (
+    MARKER_NAME,
+    OutputDirLock,
+    OutputDirLockedError,
+    check_not_an_input,
+    check_not_locked,
+    check_output_dir,
+    check_writable,
+    clear_output_dir,
+    write_marker,
+)
 from diffusers_entprune.pipelines.pipeline_sit import SAMPLERS
 from diffusers_entprune.plotting import plot_stage_scores, sample_grid
+from diffusers_entprune.preemption import any_process, handle_sigterm, phase, preempted, stop_requested
 from diffusers_entprune.proxies import score_candidates
+from diffusers_entprune.run_identity import (
+    RunMismatchError,
+    compare_run_identity,
+    fingerprint_dataset,
+    fingerprint_weights,
+    run_identity,
+)
 from diffusers_entprune.speed import compare_sampling_speed
 from diffusers_entprune.training_draws import stream_positions, training_draws
-from diffusers_entprune.training_state import prune_training_state, reprepare_model
+from diffusers_entprune.training_state import (
+    nonfinite_training_state,
+    prune_training_state,
+    reprepare_model,
+    set_base_learning_rate,
+)
 
 logger = get_logger(__name__)
 
@@ -109,6 +148,13 @@ def parse_args(argv=None):
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (DiT does).")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     data.add_argument("--cache_dir", default=None, help="`datasets` cache folder.")
+    data.add_argument("--class_mapping_file", default=None,
+                      help="A JSON file {class name: model class id} for the label column's classes (e.g. an "
+                           "imagefolder's folders). Default: by name: folders named by class id take that id, names "
+                           "that are the model's labels take their ids, new classes keep the dataset's ids.")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="Replace an unreadable image (truncated, empty, missing) by another of its batch, with a "
+                           "warning, instead of stopping; they are counted in entprune_report.json.")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=None, help="Default: dit-pruned or sit-pruned.")
@@ -185,7 +231,8 @@ def parse_args(argv=None):
     prune.add_argument("--ced_variance", choices=["scalar", "channel", "diag"], default="channel")
     prune.add_argument("--proxy_batch_size", type=int, default=8,
                        help="Samples in the NTK batch and in each ZiCo batch (NTK memory: this many gradients).")
-    prune.add_argument("--zico_num_batches", type=int, default=2)
+    prune.add_argument("--zico_num_batches", type=int, default=2,
+                       help="Mini-batches of ZiCo (>= 2: it divides gradient means by their deviation across them).")
     prune.add_argument("--zico_reduction", choices=["sum", "mean"], default="mean",
                        help="Combine ZiCo's layers by sum (its definition; favours deeper candidates) or mean.")
 
@@ -212,7 +259,7 @@ def parse_args(argv=None):
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("Pass at most one of --dataset_name and --train_data_dir.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "ced_batch_size",
-                 "zico_num_batches", "speed_repeats", "pruning_stages", "shuffle_buffer_size", "lora_rank"):
+                 "speed_repeats", "pruning_stages", "shuffle_buffer_size", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     for name in ("target_num_blocks", "target_num_params", "pruning_steps", "max_train_samples", "resolution"):
@@ -246,6 +293,12 @@ def parse_args(argv=None):
         parser.error("--proxy_batch_size must be >= 2 (the NTK of one sample has no condition number).")
     if args.ced_num_samples < 2:
         parser.error("--ced_num_samples must be >= 2.")
+    if args.zico_num_batches < 2:
+        parser.error(f"--zico_num_batches must be >= 2, got {args.zico_num_batches}: ZiCo divides each gradient's "
+                     "mean over its mini-batches by its standard deviation across them, which needs two.")
+    if args.class_mapping_file is not None and not os.path.isfile(args.class_mapping_file):
+        parser.error(f"--class_mapping_file {args.class_mapping_file!r} is not a file (a JSON object {{class name: "
+                     "model class id}}).")
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -275,6 +328,7 @@ def resolve_model_type(args) -> None:
     if args.model_type == "sit" and args.sampler is None:
         args.sampler = "euler"
     args.output_dir = args.output_dir or f"{args.model_type}-pruned"
+    check_null_class(args.model_type, args.source, args.revision)  # the export must sample with DiTPipeline
     if args.validation_class_labels is not None:  # checked now: validation first samples after training steps
         config = EntPrunedTransformer2DModel.load_config(args.source, subfolder="transformer", revision=args.revision)
         num_classes = config.get("num_embeds_ada_norm")
@@ -313,11 +367,46 @@ def resolve_resume_path(args) -> str | None:
     return path
 
 
-def check_output_dir_for_fresh_run(args) -> None:
-    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir",
-                     hint="Continue that run with `--resume_from_checkpoint latest`. ")
-    for path in list_checkpoints(args.output_dir):  # with --overwrite_output_dir: "latest" must not find old ones
-        shutil.rmtree(path)
+def check_output_dir_before_run(args, resume_path: str | None) -> None:
+    """The output folder may not be, contain or lie inside an input, must be writable, and (unless the run continues
+    from one of its own checkpoints) must be empty or an earlier run of this script with --overwrite_output_dir.
+    Nothing is deleted here: `clear_output_dir` runs once every argument has been validated."""
+    check_not_locked(args.output_dir, "--output_dir")  # a live run there: say so, whatever else is wrong
+    inputs = {"--pretrained_model_name_or_path": args.source, "--train_data_dir": args.train_data_dir,
+              "--dataset_name": args.dataset_name, "--cache_dir": args.cache_dir,
+              "--class_mapping_file": getattr(args, "class_mapping_file", None)}
+    if resume_path is not None and not is_own_checkpoint(args, resume_path):
+        inputs["--resume_from_checkpoint"] = resume_path  # a checkpoint of another folder is an input like the others
+    if resume_path is not None and is_own_checkpoint(args, resume_path):  # continuing this folder's run
+        check_not_an_input(args.output_dir, inputs, "--output_dir")
+        check_writable(args.output_dir, "--output_dir")  # files of the user's beside the run are left alone
+        return
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir", inputs=inputs, kind="training",
+                     extra_names=(args.logging_dir,),
+                     hint="Continue that run with `--resume_from_checkpoint latest`. " if list_checkpoints(
+                         args.output_dir) else "")
+
+
+def is_own_checkpoint(args, path: str) -> bool:
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(args.output_dir)
+
+
+def lock_output_dir(accelerator, args):
+    """The main process takes the output folder's lock for the run's lifetime; every process learns if it could
+    not (then all stop with the same error)."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = OutputDirLock(args.output_dir, command="examples/prune_dit.py").acquire()
+        except OutputDirLockedError as refused:
+            error = str(refused)
+    if accelerator.num_processes > 1:
+        box = [error]
+        broadcast_object_list(box)
+        error = box[0]
+    if error is not None:
+        raise OutputDirLockedError(error)
+    return lock
 
 
 def save_ema(ema, folder: str) -> dict:
@@ -340,20 +429,29 @@ def load_ema(ema, folder: str, settings: dict | None) -> None:
     ema.load_state_dict({**settings, "shadow_params": [shadows[f"shadow.{i}"] for i in range(len(shadows))]})
 
 
-def save_checkpoint(accelerator, args, global_step: int, controller, stage_times: list, ema=None) -> str:
+def save_checkpoint(accelerator, args, global_step: int, controller, stage_times: list, ema=None,
+                    identity: dict | None = None, *, model, optimizer) -> str:
     """`accelerator.save_state` into a temporary folder, add the pruning state, rename into place, then apply
-    `--checkpoints_total_limit` (old checkpoints go only once the new one is complete)."""
+    `--checkpoints_total_limit` (old checkpoints go only once the new one is complete). A non-finite training state
+    is never saved (`check_finite`); a full disk is reported as such and the incomplete folder removed."""
+    check_finite(accelerator, args, global_step, model, optimizer, ema)
+    bad_images = args.bad_images.merge(accelerator)  # every process's, so a resumed run reports them all
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     staging = os.path.join(args.output_dir, f".checkpoint-{global_step}.tmp")
     if accelerator.is_main_process and os.path.exists(staging):
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging)  # every process writes its RNG state
-    accelerator.wait_for_everyone()
+    failure = write_or_disk_full(lambda: accelerator.save_state(staging))  # every process writes its RNG state
+    raise_if_disk_full(accelerator, args, failure, staging, final)  # also waits for every process
     if accelerator.is_main_process:  # the state and the manifest of every file go in last
-        ema_settings = save_ema(ema, staging) if ema is not None else None
-        write_state(staging, {"global_step": global_step, "controller": controller.state_dict(),
-                              "stage_times": stage_times, "ema": ema_settings})
+        def write_pruning_state():
+            ema_settings = save_ema(ema, staging) if ema is not None else None
+            write_state(staging, {"global_step": global_step, "controller": controller.state_dict(),
+                                  "stage_times": stage_times, "ema": ema_settings, "run_identity": identity,
+                                  "bad_images": bad_images, FINITE_KEY: True})
+        failure = write_or_disk_full(write_pruning_state)
+    raise_if_disk_full(accelerator, args, failure, staging, final)
+    if accelerator.is_main_process:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -363,6 +461,50 @@ def save_checkpoint(accelerator, args, global_step: int, controller, stage_times
         logger.info(f"Saved {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def write_or_disk_full(write) -> BaseException | None:
+    """Run ``write``; return its error when the disk or quota is full (every other error propagates)."""
+    try:
+        write()
+    except Exception as error:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        if not is_disk_full(error):
+            raise
+        return error
+    return None
+
+
+def raise_if_disk_full(accelerator, args, failure, staging: str, final: str) -> None:
+    """Every process learns whether any ran out of space (one tiny all-reduce, which also lines them up); then the
+    main process removes the incomplete staging folder, and all raise `CheckpointWriteError`."""
+    if any_process(accelerator, failure is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise CheckpointWriteError(disk_full_message(staging, final, args.output_dir,
+                                                     args.checkpoints_total_limit)) from failure
+
+
+def check_finite(accelerator, args, global_step: int, model, optimizer, ema) -> None:
+    """Raise the divergence error, on every process, when any holds a non-finite weight, optimizer state or EMA
+    weight (one tiny all-reduce). The loss was finite: a non-finite loss stops the step before its update."""
+    bad = nonfinite_training_state(accelerator.unwrap_model(model), optimizer, ema)
+    if any_process(accelerator, bool(bad)):
+        what = (f"The {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")) if bad else \
+            "The training state of another process"
+        raise divergence_error(args, f"{what} is not finite after the update of step {global_step}, though the loss "
+                                     "was finite: a gradient or the update overflowed, and training diverged.")
+
+
+def divergence_error(args, what: str) -> RuntimeError:
+    """The error for a run whose loss or weights stopped being finite, naming the newest checkpoint that was checked
+    finite when saved (an older version of this script saved without checking)."""
+    good = last_good_checkpoint(args.output_dir)
+    resume = f"the last good checkpoint is {good}. Resume from it with `--resume_from_checkpoint {good}` and" if good \
+        else "there is no checkpoint checked finite to resume from. Start again with"
+    return RuntimeError(f"{what} Nothing was saved from that step on; {resume} a lower `--learning_rate` (now "
+                        f"{args.learning_rate}) or `--max_grad_norm` (now {args.max_grad_norm}), or with "
+                        "`--mixed_precision bf16` instead of fp16.")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -400,7 +542,7 @@ def build_ced_pool(dataset, vae, resolution, args, num_classes):
     subset = dataset.take(needed) if isinstance(dataset, IterableDataset) else \
         dataset.select(range(min(needed, len(dataset))))
     stream = LatentBatches(subset, vae, resolution, args.ced_batch_size, args.image_column, args.label_column,
-                           num_classes=num_classes, latent_sampling="mean")
+                           num_classes=num_classes, latent_sampling="mean", skip_bad_images=args.skip_bad_images)
     batches = list(repeat_batches(stream, needed))  # a small dataset is met again with fresh noise draws
     latents, labels = torch.cat([b[0] for b in batches])[:needed], torch.cat([b[1] for b in batches])[:needed]
     return latents, labels
@@ -409,14 +551,14 @@ def build_ced_pool(dataset, vae, resolution, args, num_classes):
 # ---------------------------------------------------------------------------------------------- main
 
 
+@handle_sigterm  # SIGTERM (preemption) stops training at a step boundary with a checkpoint: see preemption.py
 def main(argv=None):
     args = parse_args(argv)
     resolve_model_type(args)
     if args.push_to_hub:
         check_can_push()
     resume_path = resolve_resume_path(args)
-    if resume_path is None:
-        check_output_dir_for_fresh_run(args)  # before any heavy work
+    check_output_dir_before_run(args, resume_path)  # before any heavy work; deletes nothing
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -429,7 +571,16 @@ def main(argv=None):
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in
                                                           record.getMessage())
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_main_process:
+    lock = lock_output_dir(accelerator, args)  # one run per folder: a second one is refused here
+    try:
+        train(args, accelerator, resume_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args, accelerator, resume_path):
+    if accelerator.is_main_process:  # under the lock, so never the staging folder of a live run
         for path in remove_stale_staging(args.output_dir):  # an interrupted save or export; never a checkpoint
             logger.info(f"Removed {path}, left by an interrupted run.")
     accelerator.wait_for_everyone()
@@ -442,6 +593,7 @@ def main(argv=None):
     # ---- model, data, objective
     source, source_name = args.source, args.source_name
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
+    source_fingerprint = fingerprint_weights(transformer)  # before any pruning: what a resumed run must start from
     pipe = pipeline_class(args.model_type).from_pretrained(source, transformer=transformer, revision=args.revision)
     vae, scheduler = pipe.vae.to(device, dtype=weight_dtype).eval(), pipe.scheduler
     vae.requires_grad_(False)
@@ -459,6 +611,12 @@ def main(argv=None):
     if args.max_train_samples is not None:
         dataset = dataset.take(args.max_train_samples) if args.streaming else \
             dataset.select(range(min(args.max_train_samples, len(dataset))))
+    # every label checked (a map-style dataset's whole label column, no image decoded) and made the model's class id
+    # now: a bad label met at step 97 of 150, or an imagefolder's alphabetical ids, would cost the whole run
+    dataset_argument = "--dataset_name" if args.dataset_name is not None else "--train_data_dir"
+    dataset, args.class_mapping = prepare_labels(
+        dataset, args.label_column, num_classes, id2label, args.class_mapping_file,
+        f"`{dataset_argument}`={dataset_name!r} (split {args.split!r})", log=logger.info)
 
     # ---- the pruning schedule, and the state of an interrupted run
     outside, per_block = transformer.parameter_counts()
@@ -472,10 +630,27 @@ def main(argv=None):
         decision_steps(args.pruning_stages, args.pruning_steps, args.pruning_mode), args.pruning_mode,
         rank_once=args.rank_once)
     global_step, stage_times = 0, []
+    args.bad_images = BadImageTally()  # --skip_bad_images: what was replaced, over every process; kept in checkpoints
+    # everything that makes this run this run, kept in every checkpoint and compared when resuming
+    identity = run_identity({**vars(args), "global_batch_size": args.train_batch_size * accelerator.num_processes},
+                            source_fingerprint,
+                            fingerprint_dataset(dataset, dataset_name, args.split, args.dataset_config_name,
+                                                args.image_column, args.label_column))
+    identity["resumes"], changed = [], {}
     if resume_path is not None:
         saved = read_state(resume_path, verify=False)  # verified by resolve_resume_path
+        if "run_identity" in saved:
+            changed = compare_run_identity(saved["run_identity"], identity, resume_path)
+            identity["resumes"] = saved["run_identity"].get("resumes", []) + [
+                {"step": saved["global_step"], "checkpoint": os.path.abspath(resume_path), "changed": changed}]
+            for name, (old, new) in changed.items():
+                logger.info(f"Resuming with --{name} changed: {old!r} -> {new!r}")
+        else:
+            logger.warning(f"{resume_path!r} was written before checkpoints recorded their run's settings: they "
+                           "cannot be compared with this command's. Make sure they are the same.")
         controller.load_state_dict(saved["controller"])
         global_step, stage_times = saved["global_step"], saved["stage_times"]
+        args.bad_images = BadImageTally(saved.get("bad_images"))
         if controller.pruned_blocks:  # the same architecture before the weights are loaded
             transformer.prune_blocks(controller.pruned_blocks)
         logger.info(f"Resuming from {resume_path} at step {global_step} with blocks {transformer.kept_block_indices}")
@@ -503,14 +678,22 @@ def main(argv=None):
         ema = EMAModel(trainable_parameters(transformer), decay=args.ema_decay)
     model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if resume_path is not None:
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except (RuntimeError, ValueError, KeyError) as error:  # checkpoints without a run identity get here
+            raise RunMismatchError(f"`--resume_from_checkpoint`: {resume_path!r} does not fit this model and "
+                                   "optimizer (another --pretrained_model_name_or_path, --use_lora, --lora_rank or "
+                                   f"target?): {str(error).splitlines()[0]} Resume with the checkpoint's own settings, "
+                                   "or start a new run in another `--output_dir`.") from error
+        if "learning_rate" in changed:
+            set_base_learning_rate(lr_scheduler, args.learning_rate)  # the restored schedule has the old one
     if ema is not None:
         if resume_path is not None:
             load_ema(ema, resume_path, saved.get("ema"))
         ema.to(device)
 
     # ---- data streams: training batches (exactly resumable) and the fixed pool for CED and the proxies
-    collate = PixelCollate(resolution, args.image_column, args.label_column, num_classes)
+    collate = PixelCollate(resolution, args.image_column, args.label_column, num_classes, args.skip_bad_images)
     micro_batches_done = global_step * args.gradient_accumulation_steps
     samples_seen = micro_batches_done * args.train_batch_size  # by this process
     latent_shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
@@ -523,6 +706,12 @@ def main(argv=None):
         pool_latents, pool_labels = build_ced_pool(dataset, vae, resolution, args, num_classes)
     ced_options = CEDOptions(variance=args.ced_variance)
 
+    if accelerator.is_main_process:  # every argument has been checked: only now may an earlier run's output go
+        if resume_path is None or not is_own_checkpoint(args, resume_path):
+            for path in clear_output_dir(args.output_dir, "training", "examples/prune_dit.py", (args.logging_dir,)):
+                logger.info(f"--overwrite_output_dir: removed {path} of an earlier run")
+        write_marker(args.output_dir, "training", "examples/prune_dit.py")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(f"entprune-{args.model_type}", config=tracker_config)
@@ -586,6 +775,7 @@ def main(argv=None):
     # ---- training
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
+    phase("training")  # SIGTERM now stops the run after the step in progress, with a checkpoint (see preemption.py)
     data_iter = iter(loader)
     step_start = time.perf_counter()
     current_stage_times: list[float] = []
@@ -605,7 +795,8 @@ def main(argv=None):
             step_start = time.perf_counter()  # ranking and proxies are not training time
         losses = []
         for _ in range(args.gradient_accumulation_steps):
-            pixels, labels = next(data_iter)
+            pixels, labels = batch = next(data_iter)
+            args.bad_images.add(batch.bad_images)  # replaced in the batch by --skip_bad_images
             # every random number of a sample comes from (seed, its stream position): the run does not depend on
             # how the global batch is split between processes
             positions = stream_positions(samples_seen, len(pixels), accelerator.process_index,
@@ -628,13 +819,8 @@ def main(argv=None):
                 # every process learns of a non-finite loss, so none is left waiting in a gradient all-reduce
                 finite = bool((accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)) == 1).all())
                 if not finite:
-                    found = list_checkpoints(args.output_dir)
-                    last_good = found[-1] if found else "none (no checkpoint was saved yet)"
-                    raise RuntimeError(
-                        f"The training loss is {loss.item()} at step {global_step}: training diverged. Nothing was "
-                        f"saved after it; the last good checkpoint is {last_good}. Resume from it with a lower "
-                        f"`--learning_rate` (now {args.learning_rate}) or `--max_grad_norm`, or use "
-                        "`--mixed_precision bf16` instead of fp16.")
+                    raise divergence_error(args, f"The training loss is {loss.item()} at step {global_step}: "
+                                                 "training diverged.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable_parameters(model), args.max_grad_norm)
@@ -656,18 +842,25 @@ def main(argv=None):
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step, controller, stage_times, ema)
+            stopping = stop_requested(accelerator)  # SIGTERM on any process: all stop after this same step
+            if global_step % args.checkpointing_steps == 0 or stopping:  # saved once, even when both
+                saved = save_checkpoint(accelerator, args, global_step, controller, stage_times, ema, identity,
+                                        model=model, optimizer=optimizer)
+            if stopping:  # exit status 143; no validation: the grace period before SIGKILL is short
+                raise preempted(accelerator, saved, global_step)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_validation(accelerator, model, vae, scheduler, ema, args, global_step)
             step_start = time.perf_counter()  # checkpoints and validation are not training time
     close_stage_timing()
     progress.close()
+    phase("export")  # no step boundary left to stop at: a SIGTERM now lets the export finish
+    check_finite(accelerator, args, global_step, model, optimizer, ema)  # a last update may have overflowed
 
     # ---- export: EMA weights, LoRA merged, a plain DiTPipeline (or SiTPipeline) folder beside the checkpoints
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         check_processes_agree(accelerator, accelerator.unwrap_model(model))
+    args.bad_images.merge(accelerator)  # every process takes part; the main process reports the total
     if accelerator.is_main_process:
         # without accelerate's autocast forward: the speed comparison and the samples run both models alike
         final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -677,7 +870,7 @@ def main(argv=None):
             merge_lora(final)
         final.eval()
         export(args, final, vae, scheduler, id2label, controller, stage_times, source, source_name, dataset_name,
-               device)
+               device, identity)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -721,7 +914,7 @@ def log_validation(accelerator, model, vae, scheduler, ema, args, global_step):
 
 
 def export(args, transformer, vae, scheduler, id2label, controller, stage_times, source, source_name, dataset_name,
-           device):
+           device, identity):
     """Write the pipeline folder into output_dir (staged, then moved in; model_index.json last), the report,
     ced.png and samples.png, and push it if asked."""
     vae = vae.float()
@@ -739,6 +932,12 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         "kept_blocks": list(transformer.kept_block_indices),
         "stages": [d.to_dict() for d in controller.decisions],
         "train_step_seconds_by_stage": stage_times,
+        "class_mapping": args.class_mapping,  # dataset class -> model class id (`prepare_labels`)
+        "skipped_bad_images": args.bad_images.report(),  # unreadable images replaced (--skip_bad_images)
+        # what the run was made of; a resumed run lists each resume and the settings that changed (none that change
+        # the result: those are refused)
+        "run_identity": {"source_weights_sha256": identity["source_weights_sha256"], "dataset": identity["dataset"],
+                         "resumes": identity["resumes"]},
         "training": {k: getattr(args, k) for k in ("max_train_steps", "train_batch_size", "learning_rate",
                                                    "lr_scheduler", "use_ema", "use_lora", "mixed_precision",
                                                    "class_dropout_prob", "seed", "pruning_stages", "pruning_steps",
@@ -777,7 +976,7 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
         index = os.path.join(args.output_dir, "model_index.json")
         if os.path.exists(index):
             os.remove(index)
-        names = sorted(os.listdir(folder), key=lambda n: n == "model_index.json")
+        names = sorted((n for n in os.listdir(folder) if n != MARKER_NAME), key=lambda n: n == "model_index.json")
         for name in names:
             target = os.path.join(args.output_dir, name)
             if os.path.isdir(target):

@@ -216,6 +216,9 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, source_pipelin
     out = tmp_path / "out"
     out.mkdir()
     (out / "model_index.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        prune_dit.main(tiny_args(source_pipeline, out))
+    (out / "checkpoint-6").mkdir()  # an interrupted run's checkpoint: resuming is the other way out
     with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
         prune_dit.main(tiny_args(source_pipeline, out))
     assert (out / "model_index.json").read_text() == "{}"
@@ -239,7 +242,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"loss is nan at step 7.*checkpoint-6.*learning_rate"):
         prune_dit.main(tiny_args(source_pipeline, out, "--validation_steps", "0"))
-    assert sorted(os.listdir(out)) == ["checkpoint-6"]  # the last good checkpoint, nothing else
+    assert sorted(os.listdir(out)) == [".entprune_output.json", "checkpoint-6"]  # the last good checkpoint only
     assert (out / "checkpoint-6" / prune_dit.STATE_NAME).exists()
 
 

@@ -79,13 +79,16 @@ def prune_command(argv) -> int:
     args = _parse_prune_args(argv)
     import torch
 
-    from .export import check_output_dir, load_id2label, save_pruned_pipeline
+    from .export import load_id2label, save_pruned_pipeline
     from .hub import check_can_push, push_pruned_pipeline
-    from .model_types import pipeline_class, resolve_source
+    from .model_types import check_null_class, pipeline_class, resolve_source
     from .models import EntPrunedTransformer2DModel
+    from .output_dir import check_output_dir
     from .plotting import sample_grid
 
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir", kind="pipeline",
+                     inputs={"--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+                             "--scores": args.scores})
     repo_id = None
     if args.push_to_hub:
         check_can_push()
@@ -104,6 +107,7 @@ def prune_command(argv) -> int:
         pruned_by = {"scores": os.path.abspath(args.scores), "method": scores.get("method"),
                      "num_prune": args.num_prune}
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
+    check_null_class(model_type, source, args.revision)  # the export must sample with DiTPipeline
     pipeline_cls = pipeline_class(model_type)
     transformer = EntPrunedTransformer2DModel.from_pretrained(
         source, subfolder="transformer", revision=args.revision
@@ -175,6 +179,12 @@ def _parse_score_args(argv):
     data.add_argument("--resolution", type=int, default=None,
                       help="Image size (default: the transformer's sample_size times the VAE's downsampling).")
     data.add_argument("--latent_cache_dir", default=None, help="Keep encoded latents here for later runs.")
+    data.add_argument("--class_mapping_file", default=None,
+                      help="A JSON file {class name: model class id} for the label column's classes (default: by "
+                           "name, see examples/prune_dit.py --help).")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="Leave out unreadable images (truncated, empty, missing) with a warning instead of "
+                           "stopping.")
     parser.add_argument("--method", choices=METHODS, default="ced")
     parser.add_argument("--num_samples", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -194,6 +204,8 @@ def _parse_score_args(argv):
         parser.error("pass at most one of --dataset_name and --train_data_dir.")
     if args.num_samples < 2:
         parser.error("--num_samples must be >= 2 (a variance needs two samples).")
+    if args.class_mapping_file is not None and not os.path.isfile(args.class_mapping_file):
+        parser.error(f"--class_mapping_file {args.class_mapping_file!r} is not a file.")
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1.")
     if args.resolution is not None and args.resolution < 1:
@@ -215,14 +227,26 @@ def score_command(argv) -> int:
 
     from accelerate import Accelerator
 
-    from .data import LatentBatches, load_dataset_or_embedded, repeat_batches, shard_batches, vae_scale_factor
-    from .export import check_output_dir, staged_output_dir
+    from .data import (
+        LatentBatches,
+        check_columns,
+        load_dataset_or_embedded,
+        prepare_labels,
+        repeat_batches,
+        shard_batches,
+        vae_scale_factor,
+    )
+    from .export import load_id2label
     from .importance import CEDOptions, score_blocks
     from .model_types import objective_for, pipeline_class, resolve_source
     from .models import EntPrunedTransformer2DModel
+    from .output_dir import check_output_dir, staged_output_dir
     from .plotting import plot_scores
 
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir", kind="scores",
+                     inputs={"--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+                             "--train_data_dir": args.train_data_dir, "--dataset_name": args.dataset_name,
+                             "--latent_cache_dir": args.latent_cache_dir})
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (statistics are summed)
     options = CEDOptions(variance=args.variance, signed=args.signed, per_class=not args.pooled,
                          timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets)
@@ -234,9 +258,17 @@ def score_command(argv) -> int:
     transformer.eval()
     dataset, dataset_label = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
                                                       args.dataset_config_name, streaming=args.streaming)
+    num_classes = transformer.config.num_embeds_ada_norm
+    check_columns(dataset, args.image_column, args.label_column, num_classes)
+    dataset_argument = "--dataset_name" if args.dataset_name is not None else "--train_data_dir"
+    dataset, class_mapping = prepare_labels(  # the model is conditioned on these labels: its own class ids
+        dataset, args.label_column, num_classes, load_id2label(source, revision=args.revision), args.class_mapping_file,
+        f"`{dataset_argument}`={dataset_label!r} (split {args.split!r})",
+        log=print if accelerator.is_main_process else lambda message: None)
     resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(pipe.vae)
     latents = LatentBatches(dataset, pipe.vae, resolution, args.batch_size, args.image_column, args.label_column,
-                            num_classes=transformer.config.num_embeds_ada_norm, cache_dir=args.latent_cache_dir)
+                            num_classes=num_classes, cache_dir=args.latent_cache_dir,
+                            skip_bad_images=args.skip_bad_images)
     batches = shard_batches(repeat_batches(latents, args.num_samples), accelerator.process_index,
                             accelerator.num_processes)
     objective = objective_for(model_type, transformer.config, pipe.scheduler)
@@ -251,10 +283,11 @@ def score_command(argv) -> int:
                           process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     scores = result.to_dict()
     scores.update(pretrained_model_name_or_path=source_name, model_type=model_type,
-                  dataset=dataset_label, split=args.split, resolution=resolution,
+                  dataset=dataset_label, split=args.split, resolution=resolution, class_mapping=class_mapping,
+                  skipped_bad_images=latents.bad_images,
                   seconds=round(time.time() - start, 2), device=str(device), num_processes=accelerator.num_processes)
     if accelerator.is_main_process:
-        with staged_output_dir(args.output_dir) as tmp:
+        with staged_output_dir(args.output_dir, kind="scores", command="entprune score") as tmp:
             with open(os.path.join(tmp, "scores.json"), "w") as f:
                 json.dump(scores, f, indent=2)
             plot_scores(scores, os.path.join(tmp, "scores.png"))
@@ -293,10 +326,11 @@ def convert_command(argv) -> int:
     from diffusers import AutoencoderKL
 
     from .convert import convert_to_pipeline
-    from .export import check_output_dir
     from .model_types import load_error
+    from .output_dir import check_output_dir
 
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir", kind="pipeline",
+                     inputs={"--checkpoint": args.checkpoint, "--vae": args.vae, "--id2label": args.id2label})
     id2label = None
     if args.id2label:
         try:
@@ -339,6 +373,9 @@ def _parse_eval_args(argv):
     parser.add_argument("--reference_config_name", default=None)
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label", help='"none" for unlabelled reference images.')
+    parser.add_argument("--class_mapping_file", default=None,
+                        help="A JSON file {class name: model class id} for the reference's classes (default: by "
+                             "name, see examples/prune_dit.py --help).")
     parser.add_argument("--max_reference_images", type=int, default=None)
     parser.add_argument("--feature_network", choices=FEATURE_NETWORKS, default=None,
                         help="digits (the embedded classifier; default for the embedded references) or inception "
@@ -378,6 +415,8 @@ def _parse_eval_args(argv):
         parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}.")
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         parser.error(f"--inception_weights {args.inception_weights!r} is not a file.")
+    if args.class_mapping_file is not None and not os.path.isfile(args.class_mapping_file):
+        parser.error(f"--class_mapping_file {args.class_mapping_file!r} is not a file.")
     args.label_column = None if args.label_column.lower() == "none" else args.label_column
     if args.reference.startswith("embedded:") and args.reference not in EMBEDDED_REFERENCES:
         parser.error(f"--reference {args.reference!r} is not embedded data; use one of {EMBEDDED_REFERENCES}.")
@@ -391,13 +430,18 @@ def eval_command(argv) -> int:
     from accelerate import Accelerator
     from PIL import Image
 
+    from .data import prepare_labels
     from .evaluation import evaluate_pipeline
-    from .export import check_output_dir, staged_output_dir
+    from .export import load_id2label
     from .metrics import load_feature_network
-    from .model_types import pipeline_class, resolve_source
+    from .model_types import check_null_class, pipeline_class, resolve_source
+    from .output_dir import check_output_dir, staged_output_dir
     from .plotting import sample_grid
 
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir", kind="metrics",
+                     inputs={"--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+                             "--reference": args.reference, "--original_model_name_or_path":
+                             args.original_model_name_or_path, "--inception_weights": args.inception_weights})
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
     if args.sampler is not None and model_type != "sit":
         raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
@@ -411,6 +455,16 @@ def eval_command(argv) -> int:
     if len(reference) < 4:
         raise ValueError(f"`--reference` {args.reference!r} split {args.reference_split!r} has {len(reference)} "
                          "images; at least 4 are needed.")
+    check_null_class(model_type, source, args.revision)  # sampled with DiTPipeline
+    class_mapping = None
+    if args.label_column is not None:  # the classes sampled and compared are the model's ids of the reference's
+        from diffusers import DiTTransformer2DModel
+
+        num_classes = DiTTransformer2DModel.load_config(source, subfolder="transformer", revision=args.revision)[
+            "num_embeds_ada_norm"]
+        reference, class_mapping = prepare_labels(
+            reference, args.label_column, num_classes, load_id2label(source, revision=args.revision),
+            args.class_mapping_file, f"`--reference`={args.reference!r} (split {args.reference_split!r})", log=print)
 
     original = None
     if args.original_model_name_or_path is not None:  # resolved before any sampling, so a bad path fails fast
@@ -420,6 +474,7 @@ def eval_command(argv) -> int:
         if original_type != model_type:
             raise ValueError(f"`--original_model_name_or_path` is a {original_type.upper()} model but the evaluated "
                              f"model is {model_type.upper()}; compare a model with its own unpruned source.")
+        check_null_class(original_type, original, argument="--original_model_name_or_path")
 
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (samples are sharded)
     pipe = pipeline_class(model_type).from_pretrained(source, revision=args.revision).to(accelerator.device)
@@ -439,9 +494,10 @@ def eval_command(argv) -> int:
     if accelerator.is_main_process:
         metrics = {"pretrained_model_name_or_path": source_name, "model_type": model_type,
                    "reference": {"dataset": reference_name, "split": args.reference_split,
-                                 "image_column": args.image_column, "label_column": args.label_column},
+                                 "image_column": args.image_column, "label_column": args.label_column,
+                                 "class_mapping": class_mapping},
                    **metrics}
-        with staged_output_dir(args.output_dir) as tmp:
+        with staged_output_dir(args.output_dir, kind="metrics", command="entprune eval") as tmp:
             with open(os.path.join(tmp, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
             if args.num_grid_images:
