@@ -375,9 +375,10 @@ def check_output_dir_before_run(args, resume_path: str | None) -> None:
     inputs = {"--pretrained_model_name_or_path": args.source, "--train_data_dir": args.train_data_dir,
               "--dataset_name": args.dataset_name, "--cache_dir": args.cache_dir,
               "--class_mapping_file": getattr(args, "class_mapping_file", None)}
-    if resume_path is not None and not is_own_checkpoint(args, resume_path):
+    continuing = resume_path is not None and is_own_checkpoint(args, resume_path)
+    if resume_path is not None and not continuing:
         inputs["--resume_from_checkpoint"] = resume_path  # a checkpoint of another folder is an input like the others
-    if resume_path is not None and is_own_checkpoint(args, resume_path):  # continuing this folder's run
+    if continuing:  # this folder's own run
         check_not_an_input(args.output_dir, inputs, "--output_dir")
         check_writable(args.output_dir, "--output_dir")  # files of the user's beside the run are left alone
         return
@@ -817,8 +818,7 @@ def train(args, accelerator, resume_path):
                 output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
                 loss = objective.loss(output.float(), latents, noised).mean()
                 # every process learns of a non-finite loss, so none is left waiting in a gradient all-reduce
-                finite = bool((accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)) == 1).all())
-                if not finite:
+                if any_process(accelerator, not torch.isfinite(loss.detach()).item()):
                     raise divergence_error(args, f"The training loss is {loss.item()} at step {global_step}: "
                                                  "training diverged.")
                 accelerator.backward(loss)

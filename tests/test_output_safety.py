@@ -179,9 +179,13 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(tmp_path)
     # clear_output_dir removes the command's names only, whatever it is given
     run = tmp_path / "run"
     (run / "checkpoint-6").mkdir(parents=True)
+    (run / "README.md").write_text("an earlier run's card")
+    (run / "transformer").mkdir()
+    (run / "model_index.json").write_text("{}")
     (run / "notes.txt").write_text("mine")
     removed = clear_output_dir(str(run), "training", "test")
-    assert [os.path.basename(p) for p in removed] == ["checkpoint-6"]
+    # the index first: killed halfway, the folder never holds an index beside a half-removed model
+    assert [os.path.basename(p) for p in removed] == ["model_index.json", "README.md", "checkpoint-6", "transformer"]
     assert sorted(os.listdir(run)) == [MARKER_NAME, "notes.txt"]
 
 

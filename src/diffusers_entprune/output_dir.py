@@ -133,8 +133,7 @@ def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "
     """
     flag = overwrite_flag or "`--overwrite_output_dir` (`overwrite=True` in Python)"
     check_not_an_input(output_dir, inputs or {}, argument)
-    if (os.path.islink(output_dir) and not os.path.exists(output_dir)) or os.path.isfile(output_dir):
-        check_writable(output_dir, argument)  # raises, naming the problem
+    check_writable(output_dir, argument)
     if os.path.isdir(output_dir):
         entries = [e for e in os.listdir(output_dir) if e not in ALWAYS_OURS]
         if entries:
@@ -148,7 +147,6 @@ def check_output_dir(output_dir: str, overwrite: bool = False, argument: str = "
             if not overwrite:
                 raise FileExistsError(f"`{argument}`={output_dir!r} already holds an earlier output of this command. "
                                       f"{hint}Choose another folder, or pass {flag} to replace it.")
-    check_writable(output_dir, argument)
 
 
 def check_writable(output_dir: str, argument: str = "output_dir") -> None:
@@ -182,7 +180,8 @@ def clear_output_dir(output_dir: str, kind: str, command: str, extra_names: tupl
     os.makedirs(output_dir, exist_ok=True)
     patterns = own_names(kind, extra_names)
     removed = []
-    for entry in sorted(os.listdir(output_dir)):
+    # the index goes first: a run killed halfway leaves no model_index.json beside a half-removed old model
+    for entry in sorted(os.listdir(output_dir), key=lambda e: (e != "model_index.json", e)):
         if entry in ALWAYS_OURS or not any(fnmatch.fnmatchcase(entry, p) for p in patterns):
             continue
         path = os.path.join(output_dir, entry)

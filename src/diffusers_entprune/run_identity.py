@@ -130,12 +130,12 @@ def compare_run_identity(saved: dict, current: dict, checkpoint: str) -> dict:
             continue
         if name in MAY_CHANGE_ON_RESUME or name in APPLIED_FROM_RESUME:
             allowed[name] = [before, after]
-        elif name in MAY_GROW_ON_RESUME and isinstance(before, int) and isinstance(after, int) and after > before \
-                and _schedule_fixed(new):
-            allowed[name] = [before, after]
         elif name in MAY_GROW_ON_RESUME and isinstance(before, int) and isinstance(after, int) and after > before:
-            refused.append(f"--{name}: {before} -> {after} (the --lr_scheduler {new.get('lr_scheduler')!r} decays "
-                           "over --max_train_steps; only a constant schedule lets a run grow)")
+            if _schedule_fixed(new):
+                allowed[name] = [before, after]
+            else:
+                refused.append(f"--{name}: {before} -> {after} (the --lr_scheduler {new.get('lr_scheduler')!r} "
+                               "decays over --max_train_steps; only a constant schedule lets a run grow)")
         else:
             refused.append(f"--{name}: {before!r} -> {after!r}")
     if saved.get("source_weights_sha256") != current["source_weights_sha256"]:
