@@ -736,7 +736,8 @@ def train(args, accelerator, resume_path):
             result = score_blocks(args.ranking, unwrapped, objective, pool, args.ced_num_samples,
                                   seed=args.ranking_seed, ced_options=ced_options,
                                   progress=accelerator.is_local_main_process, reduce=sum_over_processes,
-                                  process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+                                  process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                                  num_to_prune=controller.remaining_to_prune)
             ced_scores = dict(zip(result.block_indices, result.scores))
         state = [None]
         if accelerator.is_main_process:

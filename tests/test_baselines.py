@@ -85,3 +85,22 @@ def test_metrics_refuse_a_model_with_skipped_blocks():
     for metric in (compute_ced, loss_ablation_scores, block_influence_scores, taylor_scores):
         with pytest.raises(ValueError, match="skipped"):
             metric(m, objective(), data(), N)
+
+
+@pytest.mark.parametrize("num_layers, num_to_prune, dropped", [
+    (12, 6, [1, 3, 5, 7, 9, 11]),  # every other block, block 0 kept (TinyFusion's oracle at 50%)
+    (12, 9, [1, 2, 3, 5, 6, 7, 9, 10, 11]),  # keeps 0, 4, 8
+    (12, 3, [2, 6, 10]),
+    (28, 14, list(range(1, 28, 2))),
+])
+def test_uniform_keeps_evenly_spaced_blocks_and_meets_the_target(num_layers, num_to_prune, dropped):
+    from conftest import make_tiny_dit
+
+    from diffusers_entprune.importance import score_blocks
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+
+    tiny = EntPrunedTransformer2DModel.from_transformer(make_tiny_dit(num_layers))
+    result = score_blocks("uniform", tiny, None, [], 2, num_to_prune=num_to_prune)
+    assert sorted(result.ranking[:num_to_prune]) == dropped
+    with pytest.raises(ValueError, match="num_to_prune"):
+        score_blocks("uniform", tiny, None, [], 2)  # a target-aware ranking needs the target

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from .importance.ranking import RANKING_METHODS
+from .importance.ranking import RANKING_METHODS, TARGET_AWARE_METHODS
 from .model_types import MODEL_TYPES
 
 
@@ -189,6 +189,9 @@ def _parse_score_args(argv):
     parser.add_argument("--num_samples", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_prune", type=int, default=None,
+                        help=f"How many blocks are to be removed: needed by the rankings that choose a set for a "
+                             f"target ({', '.join(TARGET_AWARE_METHODS)}).")
     ced = parser.add_argument_group("CED estimator")
     ced.add_argument("--variance", choices=("scalar", "channel", "diag"), default="channel")
     ced.add_argument("--signed", action="store_true", help="Report H_skip - H_full instead of its magnitude.")
@@ -218,6 +221,10 @@ def _parse_score_args(argv):
         parser.error(f"--num_timestep_buckets must be >= 1, got {args.num_timestep_buckets}.")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must lie in [0, 2**32), got {args.seed}.")
+    if args.method in TARGET_AWARE_METHODS and args.num_prune is None:
+        parser.error(f"--method {args.method} chooses the set of blocks to remove for a target: pass --num_prune N.")
+    if args.num_prune is not None and args.num_prune < 1:
+        parser.error(f"--num_prune must be >= 1, got {args.num_prune}.")
     return args
 
 
@@ -280,7 +287,8 @@ def score_command(argv) -> int:
     result = score_blocks(args.method, transformer, objective, batches, args.num_samples, seed=args.seed,
                           ced_options=options, prefix_cache=not args.no_prefix_cache,
                           progress=accelerator.is_local_main_process, reduce=sum_over_processes,
-                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+                          process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                          num_to_prune=args.num_prune)
     scores = result.to_dict()
     scores.update(pretrained_model_name_or_path=source_name, model_type=model_type,
                   dataset=dataset_label, split=args.split, resolution=resolution, class_mapping=class_mapping,
@@ -446,7 +454,7 @@ def eval_command(argv) -> int:
     if args.sampler is not None and model_type != "sit":
         raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
     feature_network = load_feature_network(args.feature_network, args.inception_weights)  # fails fast if missing
-    reference, reference_name = _load_reference(args)
+    reference, reference_name = load_reference(args)
     for column in (args.image_column, args.label_column):
         if column is not None and column not in reference.column_names:
             argument = "--image_column" if column == args.image_column else "--label_column"
@@ -540,7 +548,9 @@ def _compare_with_original(pipe, original_source, original_name, model_type, met
             "timing": "calls of the two pipelines interleaved after a warm-up; median seconds per call"}
 
 
-def _load_reference(args):
+def load_reference(args):
+    """The reference images of ``args.reference`` / ``reference_split`` / ``reference_config_name`` (embedded data,
+    a Hub dataset or a local folder) and a printable name; also used by bench/quality.py."""
     from .data import load_image_dataset
     from .embedded import load_digits_dataset
 

@@ -5,9 +5,10 @@ from .baselines import (
     magnitude_scores,
     random_scores,
     taylor_scores,
+    uniform_scores,
 )
 from .ced import CEDOptions, CEDResult, GaussianEntropyAccumulator, compute_ced
-from .ranking import RANKING_METHODS, score_blocks
+from .ranking import RANKING_METHODS, TARGET_AWARE_METHODS, score_blocks
 from .result import ImportanceResult
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "GaussianEntropyAccumulator",
     "ImportanceResult",
     "RANKING_METHODS",
+    "TARGET_AWARE_METHODS",
     "block_influence_scores",
     "compute_ced",
     "loss_ablation_scores",
@@ -24,4 +26,5 @@ __all__ = [
     "random_scores",
     "score_blocks",
     "taylor_scores",
+    "uniform_scores",
 ]

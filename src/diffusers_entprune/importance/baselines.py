@@ -6,6 +6,8 @@
   accumulated over the fixed draws.
 - ``block_influence``: ShortGPT's Block Influence, 1 - cos(block input, block output) per token, averaged.
 - ``loss``: loss ablation, the increase of the training loss when the block is skipped (the expensive "oracle").
+- ``uniform``: keep evenly spaced blocks, block 0 first (12 -> 6 keeps 0, 2, ..., 10): the fixed choice that
+  TinyFusion calls the oracle of depth pruning ("every other block" at 50%). It needs the number to remove.
 
 The blocks' shared timestep/label embedder is not part of any block's own parameters (it stays when a block goes),
 so magnitude and Taylor leave it out.
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from .draws import fixed_draws
 from .result import ImportanceResult
 
-BASELINE_METHODS = ("random", "magnitude", "taylor", "block_influence", "loss")
+BASELINE_METHODS = ("random", "magnitude", "taylor", "block_influence", "loss", "uniform")
 
 
 def own_parameters(block) -> list[torch.nn.Parameter]:
@@ -27,6 +29,20 @@ def own_parameters(block) -> list[torch.nn.Parameter]:
 def random_scores(model, seed: int = 0) -> ImportanceResult:
     scores = torch.rand(model.num_blocks, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return ImportanceResult("random", list(model.kept_block_indices), scores.tolist(), options={"seed": seed})
+
+
+def uniform_scores(model, num_to_prune: int) -> ImportanceResult:
+    """1 for the evenly spaced blocks to keep, 0 for the others: the ``num_to_prune`` lowest are the ones between.
+
+    Spacing is over the blocks present now, so use it in one stage (``--pruning_mode one_shot``) to get the same
+    choice as on the full model."""
+    n = model.num_blocks
+    if not 0 <= num_to_prune < n:
+        raise ValueError(f"`num_to_prune` must lie in [0, {n - 1}] for the uniform ranking, got {num_to_prune}.")
+    keep = n - num_to_prune
+    kept_positions = {round(i * n / keep) for i in range(keep)}
+    scores = [1.0 if position in kept_positions else 0.0 for position in range(n)]
+    return ImportanceResult("uniform", list(model.kept_block_indices), scores, options={"num_to_prune": num_to_prune})
 
 
 @torch.no_grad()

@@ -7,19 +7,28 @@ from .baselines import (
     magnitude_scores,
     random_scores,
     taylor_scores,
+    uniform_scores,
 )
 from .ced import CEDOptions, compute_ced
 
 RANKING_METHODS = ("ced", *BASELINE_METHODS)
+# rankings that pick the set for a given number of blocks to remove, rather than score each block alone
+TARGET_AWARE_METHODS = ("uniform",)
 
 
 def score_blocks(method: str, model, objective, batches, num_samples: int, seed: int = 0,
                  ced_options: CEDOptions | None = None, prefix_cache: bool = True, progress: bool = False,
-                 reduce=None, process_index: int = 0, num_processes: int = 1):
+                 reduce=None, process_index: int = 0, num_processes: int = 1, num_to_prune: int | None = None):
     """Score the model's present blocks with ``method`` (higher = more important); see `compute_ced` and
-    `baselines` for each. ``batches`` are this process's share; ``reduce`` sums statistics over processes."""
+    `baselines` for each. ``batches`` are this process's share; ``reduce`` sums statistics over processes.
+    ``num_to_prune``: how many blocks are to go; the methods in `TARGET_AWARE_METHODS` choose that set (its
+    blocks rank lowest) and need it."""
     if method not in RANKING_METHODS:
         raise ValueError(f"`method` must be one of {RANKING_METHODS}, got {method!r}.")
+    if method in TARGET_AWARE_METHODS and num_to_prune is None:
+        raise ValueError(f"The {method!r} ranking chooses a set of blocks to remove: pass `num_to_prune`.")
+    if method == "uniform":
+        return uniform_scores(model, num_to_prune)
     if method == "random":
         return random_scores(model, seed=seed)
     if method == "magnitude":
