@@ -407,3 +407,15 @@ def test_a_new_learning_rate_on_resume_is_applied_and_recorded(run_copy, monkeyp
     assert report["run_identity"]["resumes"][0]["changed"] == {"learning_rate": [0.001, 0.0005],
                                                                "max_grad_norm": [1.0, 0.5]}
     assert report["training"]["learning_rate"] == 0.0005
+
+
+def test_a_setting_introduced_later_resumes_old_checkpoints_only_at_its_old_behaviour():
+    # a checkpoint written before --ced_estimator existed ran the paper's estimator
+    old = run_identity({"ranking": "ced"}, "a", {"split": "train"})
+    same = run_identity({"ranking": "ced", "ced_estimator": "entropy", "ced_signal": "prediction"}, "a",
+                        {"split": "train"})
+    assert compare_run_identity(old, same, "checkpoint-6") == {}
+    other = run_identity({"ranking": "ced", "ced_estimator": "residual", "ced_signal": "prediction"}, "a",
+                         {"split": "train"})
+    with pytest.raises(RunMismatchError, match="ced_estimator: 'entropy' -> 'residual'"):
+        compare_run_identity(old, other, "checkpoint-6")

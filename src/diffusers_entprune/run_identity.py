@@ -25,6 +25,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "num_inference_steps", "sampler", "gradient_checkpointing", "allow_tf32", "pretrained_model_name_or_path",
     "revision", "source", "source_name", "dataset_name", "train_data_dir",
     "class_mapping_file",  # its content is compared: `class_mapping`, the mapping it gave
+    "teacher_model_name_or_path",  # its weights are compared: `teacher_weights_sha256` (--distill_* may not change)
     # per process: the global batch (`global_batch_size`) is what the run is made of, and it is compared
     "train_batch_size",
 })
@@ -36,6 +37,9 @@ SCHEDULES_INDEPENDENT_OF_LENGTH = ("constant", "constant_with_warmup")
 # (resume from the last good checkpoint with a lower rate or tighter clipping). The new values really apply (the
 # script resets the restored schedule's base rate) and the report lists them with the step they took effect.
 APPLIED_FROM_RESUME = frozenset({"learning_rate", "max_grad_norm"})
+# Settings added after checkpoints began to record their run, with the value that reproduces what runs did before
+# them: a record without the setting is the same run exactly when the setting has that value now.
+INTRODUCED_SETTINGS = {"ced_estimator": "entropy", "ced_signal": "prediction"}
 # Not part of the record: how this invocation found the run, not what the run is.
 NOT_RECORDED = frozenset({"output_dir", "overwrite_output_dir", "resume_from_checkpoint"})
 
@@ -125,7 +129,7 @@ def compare_run_identity(saved: dict, current: dict, checkpoint: str) -> dict:
     old, new = saved.get("settings", {}), current["settings"]
     refused, allowed = [], {}
     for name in sorted(set(old) | set(new)):
-        before, after = old.get(name), new.get(name)
+        before, after = old.get(name, INTRODUCED_SETTINGS.get(name)), new.get(name)
         if before == after:
             continue
         if name in MAY_CHANGE_ON_RESUME or name in APPLIED_FROM_RESUME:
@@ -141,6 +145,11 @@ def compare_run_identity(saved: dict, current: dict, checkpoint: str) -> dict:
     if saved.get("source_weights_sha256") != current["source_weights_sha256"]:
         old_sha, new_sha = str(saved.get("source_weights_sha256"))[:12], current["source_weights_sha256"][:12]
         refused.append(f"source model weights (--pretrained_model_name_or_path): sha256 {old_sha}... -> {new_sha}...")
+    if saved.get("teacher_weights_sha256") != current.get("teacher_weights_sha256"):  # distillation's teacher
+        old_sha, new_sha = (str(x)[:12] if x else "none" for x in (saved.get("teacher_weights_sha256"),
+                                                                    current.get("teacher_weights_sha256")))
+        refused.append(f"distillation teacher weights (--teacher_model_name_or_path): sha256 {old_sha}... -> "
+                       f"{new_sha}...")
     old_data, new_data = saved.get("dataset", {}), current["dataset"]
     for key in ("split", "config", "num_rows", "first_rows_sha256"):
         if old_data.get(key) != new_data.get(key):
