@@ -24,6 +24,10 @@ A SiT (a `SiTPipeline` folder, e.g. made by ``entprune convert --model_type sit`
 loss; validation grids and the speed comparison use ``--sampler``. The family is read from the folder's
 ``model_index.json``.
 
+With ``--distill_output_weight`` and/or ``--distill_feature_weight`` the student also regresses a frozen teacher (by
+default the source model; better, ``--teacher_model_name_or_path`` a ``--fine_tune_only`` output): its outputs and
+its masked hidden states (diffusers_entprune/distillation.py).
+
 The output folder is a plain `DiTPipeline` (a `SiTPipeline` for SiT; EMA weights with ``--use_ema``) that diffusers
 loads without this package, with ``entprune_report.json`` (every decision, the CED scores, the measured sampling
 speedup), ``ced.png``, ``samples.png`` (original vs pruned, same seeds), validation grids, a model card, and the
@@ -76,13 +80,22 @@ from diffusers_entprune.data import (
     training_dataloader,
     vae_scale_factor,
 )
+from diffusers_entprune.distillation import (
+    DistillationConfig,
+    Distiller,
+    Teacher,
+    check_distillation_settings,
+    check_teacher_config,
+)
 from diffusers_entprune.export import load_id2label, save_pruned_pipeline
 from diffusers_entprune.hub import Secret, check_can_push, push_pruned_pipeline
 from diffusers_entprune.importance import RANKING_METHODS, CEDOptions, score_blocks
+from diffusers_entprune.importance.learned import LEARNED_FLAGS, add_learned_arguments, learned_options_from_args
 from diffusers_entprune.lora import add_lora, merge_lora
 from diffusers_entprune.model_types import (
     MODEL_TYPES,
     check_null_class,
+    detect_model_type,
     objective_for,
     pipeline_class,
     resolve_source,
@@ -222,19 +235,54 @@ def parse_args(argv=None):
                        help="Rank the blocks by CED once at the start instead of at every stage.")
     prune.add_argument("--ranking", choices=RANKING_METHODS, default="ced",
                        help="How blocks are ranked at each stage: ced (EntPruner) or a baseline to compare with "
-                            "(random, magnitude, taylor, block_influence, loss); see `entprune score`.")
+                            "(random, magnitude, taylor, block_influence, loss); see `entprune score`. learned "
+                            "(TinyFusion-style: learns which blocks to keep with adapters standing in for the "
+                            "fine-tuning, see --learned_*) chooses the set for the whole remaining target at once: "
+                            "use it with --pruning_mode one_shot.")
     prune.add_argument("--ranking_seed", type=int, default=None,
                        help="Seed of the ranking's draws (and of the random ranking); default --seed.")
     prune.add_argument("--ced_num_samples", type=int, default=1024,
                        help="Fixed (x0, t, noise) draws for the ranking.")
     prune.add_argument("--ced_batch_size", type=int, default=64)
     prune.add_argument("--ced_variance", choices=["scalar", "channel", "diag"], default="channel")
+    prune.add_argument("--ced_estimator", choices=["entropy", "residual", "kl", "w2"], default="entropy",
+                       help="How --ranking ced compares the skipped model with the full one: entropy (the paper's "
+                            "|H(Y|C) - H(Y_skip|C)|), residual (H(Y_skip | Y_full, C)), kl or w2 (divergences of "
+                            "the per-class Gaussians); see `entprune score --help`.")
+    prune.add_argument("--ced_signal", choices=["prediction", "condition"], default="prediction",
+                       help="What --ranking ced measures: the prediction (the paper's) or the condition's "
+                            "contribution, prediction(class) - prediction(null class) (twice the block work).")
+    add_learned_arguments(parser)
     prune.add_argument("--proxy_batch_size", type=int, default=8,
                        help="Samples in the NTK batch and in each ZiCo batch (NTK memory: this many gradients).")
     prune.add_argument("--zico_num_batches", type=int, default=2,
                        help="Mini-batches of ZiCo (>= 2: it divides gradient means by their deviation across them).")
     prune.add_argument("--zico_reduction", choices=["sum", "mean"], default="mean",
                        help="Combine ZiCo's layers by sum (its definition; favours deeper candidates) or mean.")
+
+    distill = parser.add_argument_group(
+        "knowledge distillation (diffusers_entprune/distillation.py; off by default): loss = (1 - w) * ground truth "
+        "+ w * output KD + beta * hidden-state KD, beta decaying linearly from --distill_feature_weight to 0")
+    distill.add_argument("--distill_output_weight", type=float, default=None,
+                         help="w in [0, 1]: the share of the output-distillation term (the student regresses the "
+                              "teacher's output, learned-variance channels included; SiT: the velocity). Default 0: "
+                              "off.")
+    distill.add_argument("--distill_feature_weight", type=float, default=None,
+                         help="beta0 >= 0: initial weight of the hidden-state term (after each kept block, matched "
+                              "to the teacher's block of the same original index, outliers masked). Default 0: off.")
+    distill.add_argument("--distill_feature_decay_steps", type=int, default=None,
+                         help="beta decays linearly to 0 over this many steps (0: no decay). Default: "
+                              "--max_train_steps, so it guides the student while blocks leave it and is gone by the "
+                              "end; give it explicitly to let a resumed run grow --max_train_steps.")
+    distill.add_argument("--distill_mask_sigma", type=float, default=None,
+                         help="Leave out of the hidden-state term the teacher's elements farther than this many "
+                              "standard deviations from their sample's mean (DiT's massive activations, which make "
+                              "unmasked feature KD diverge). Default 2.0; 0: no mask.")
+    distill.add_argument("--teacher_model_name_or_path", default=None,
+                         help="The teacher: a DiT/SiT pipeline folder or Hub id of the student's architecture. "
+                              "Default: the source model, frozen before any pruning. Recommended: the output of a "
+                              "--fine_tune_only run on the same data; a teacher that never saw the downstream data "
+                              "pulls the student toward the pretraining distribution.")
 
     out = parser.add_argument_group("output")
     out.add_argument("--save_fp16", action="store_true", help="Store the exported weights in float16.")
@@ -316,7 +364,44 @@ def parse_args(argv=None):
                      "another --ranking or train without LoRA.")
     if args.ranking_seed is None:
         args.ranking_seed = args.seed
+    learned_options_from_args(args, args.ranking, "--ranking", parser.error)  # checks the --learned_* flags
+    check_distillation_flags(parser, args)
     return args
+
+
+def check_distillation_flags(parser, args) -> None:
+    """Validate the --distill_* flags and fill in their defaults. Without distillation they all stay None, so a run
+    records the same settings as before distillation existed (its checkpoints resume under either version)."""
+    flags = {name: f"--distill_{name}" for name in ("output_weight", "feature_weight", "feature_decay_steps",
+                                                    "mask_sigma")}
+    try:
+        check_distillation_settings(args.distill_output_weight or 0.0, args.distill_feature_weight or 0.0,
+                                    args.distill_feature_decay_steps or 0,
+                                    2.0 if args.distill_mask_sigma is None else args.distill_mask_sigma, flags)
+    except ValueError as error:
+        parser.error(str(error))
+    feature = (args.distill_feature_weight or 0.0) > 0
+    if not (args.distill_output_weight or 0.0) > 0 and not feature:
+        given = [f"--{name}" for name in ("distill_feature_decay_steps", "distill_mask_sigma",
+                                          "teacher_model_name_or_path") if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} set without distillation; pass --distill_output_weight or "
+                         "--distill_feature_weight (> 0), or drop them.")
+        args.distill_output_weight = args.distill_feature_weight = None  # an explicit 0 is "off" too
+        return
+    args.distill_output_weight = args.distill_output_weight or 0.0
+    args.distill_feature_weight = args.distill_feature_weight or 0.0
+    if not feature:
+        given = [f"--{name}" for name in ("distill_feature_decay_steps", "distill_mask_sigma")
+                 if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} shape the hidden-state term, which is off; pass "
+                         "--distill_feature_weight (> 0), or drop them.")
+        return
+    if args.distill_feature_decay_steps is None:
+        args.distill_feature_decay_steps = args.max_train_steps
+    if args.distill_mask_sigma is None:
+        args.distill_mask_sigma = 2.0
 
 
 def resolve_model_type(args) -> None:
@@ -336,6 +421,28 @@ def resolve_model_type(args) -> None:
         if bad:
             raise ValueError(f"`--validation_class_labels` {bad} are not classes of the model, which has classes "
                              f"0..{num_classes - 1}.")
+
+
+def check_teacher(args) -> None:
+    """Before any heavy work: the distillation teacher must be a DiT/SiT pipeline of the student's family whose
+    transformer fits the source model's (same latents, patches and classes; for the hidden-state term also width,
+    original depth and a block in common). The default teacher, the source model itself, fits by construction."""
+    if args.distill_output_weight is None or args.teacher_model_name_or_path is None:
+        return
+    from diffusers_entprune.models.entpruned_transformer_2d import check_dit_config
+
+    path, argument = args.teacher_model_name_or_path, "--teacher_model_name_or_path"
+    teacher_type = detect_model_type(path, argument=argument)
+    if teacher_type != args.model_type:
+        raise ValueError(f"`{argument}`={path!r} is a {teacher_type} pipeline, but the student is a "
+                         f"{args.model_type} ({args.source_name}): a teacher must predict what the student predicts. "
+                         f"Pass a {args.model_type} pipeline folder.")
+    teacher_config = EntPrunedTransformer2DModel.load_config(path, subfolder="transformer")
+    check_dit_config(teacher_config, argument=argument, source=path)
+    student_config = EntPrunedTransformer2DModel.load_config(args.source, subfolder="transformer",
+                                                             revision=args.revision)
+    check_teacher_config(teacher_config, student_config, features=args.distill_feature_weight > 0,
+                         argument=argument, teacher_name=f"the teacher {path!r}")
 
 
 def sampler_kwargs(args) -> dict:
@@ -374,7 +481,8 @@ def check_output_dir_before_run(args, resume_path: str | None) -> None:
     check_not_locked(args.output_dir, "--output_dir")  # a live run there: say so, whatever else is wrong
     inputs = {"--pretrained_model_name_or_path": args.source, "--train_data_dir": args.train_data_dir,
               "--dataset_name": args.dataset_name, "--cache_dir": args.cache_dir,
-              "--class_mapping_file": getattr(args, "class_mapping_file", None)}
+              "--class_mapping_file": getattr(args, "class_mapping_file", None),
+              "--teacher_model_name_or_path": getattr(args, "teacher_model_name_or_path", None)}
     continuing = resume_path is not None and is_own_checkpoint(args, resume_path)
     if resume_path is not None and not continuing:
         inputs["--resume_from_checkpoint"] = resume_path  # a checkpoint of another folder is an input like the others
@@ -556,6 +664,7 @@ def build_ced_pool(dataset, vae, resolution, args, num_classes):
 def main(argv=None):
     args = parse_args(argv)
     resolve_model_type(args)
+    check_teacher(args)
     if args.push_to_hub:
         check_can_push()
     resume_path = resolve_resume_path(args)
@@ -601,6 +710,18 @@ def train(args, accelerator, resume_path):
     id2label = load_id2label(source, revision=args.revision)
     num_classes = transformer.config.num_embeds_ada_norm
     objective = objective_for(args.model_type, transformer.config, scheduler)
+    distiller, teacher_fingerprint = None, None
+    if args.distill_output_weight is not None:  # a second, frozen model: never prepared, never in a checkpoint
+        distiller = Distiller(DistillationConfig(
+            output_weight=args.distill_output_weight, feature_weight=args.distill_feature_weight,
+            feature_decay_steps=args.distill_feature_decay_steps or 0,
+            mask_sigma=2.0 if args.distill_mask_sigma is None else args.distill_mask_sigma),
+            Teacher.from_pretrained(args.teacher_model_name_or_path or source, device=device,
+                                    revision=None if args.teacher_model_name_or_path else args.revision,
+                                    autocast_dtype=weight_dtype))  # computes as the student does
+        # the default teacher is the source model, whose weights were just fingerprinted
+        teacher_fingerprint = source_fingerprint if args.teacher_model_name_or_path is None else \
+            fingerprint_weights(distiller.teacher.model)
     resolution = transformer.config.sample_size * vae_scale_factor(vae)
     if args.resolution not in (None, resolution):
         raise ValueError(f"`--resolution`={args.resolution} does not match the model: its latents are "
@@ -637,6 +758,8 @@ def train(args, accelerator, resume_path):
                             source_fingerprint,
                             fingerprint_dataset(dataset, dataset_name, args.split, args.dataset_config_name,
                                                 args.image_column, args.label_column))
+    if teacher_fingerprint is not None:  # compared on resume like the source's: the teacher's folder may move
+        identity["teacher_weights_sha256"] = teacher_fingerprint
     identity["resumes"], changed = [], {}
     if resume_path is not None:
         saved = read_state(resume_path, verify=False)  # verified by resolve_resume_path
@@ -657,6 +780,8 @@ def train(args, accelerator, resume_path):
         logger.info(f"Resuming from {resume_path} at step {global_step} with blocks {transformer.kept_block_indices}")
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {args.output_dir}; starting a new run.")
+    if distiller is not None:  # a resumed student may have lost blocks: some must still match the teacher's
+        distiller.check_student(transformer, "--teacher_model_name_or_path")
 
     if args.use_lora:
         add_lora(transformer, args.lora_rank, args.lora_alpha)
@@ -705,7 +830,8 @@ def train(args, accelerator, resume_path):
     pool_latents, pool_labels = None, None
     if not controller.finished and num_to_prune:
         pool_latents, pool_labels = build_ced_pool(dataset, vae, resolution, args, num_classes)
-    ced_options = CEDOptions(variance=args.ced_variance)
+    ced_options = CEDOptions(variance=args.ced_variance, estimator=args.ced_estimator, signal=args.ced_signal)
+    learned_options = learned_options_from_args(args, args.ranking, "--ranking")  # None unless --ranking learned
 
     if accelerator.is_main_process:  # every argument has been checked: only now may an earlier run's output go
         if resume_path is None or not is_own_checkpoint(args, resume_path):
@@ -737,7 +863,7 @@ def train(args, accelerator, resume_path):
                                   seed=args.ranking_seed, ced_options=ced_options,
                                   progress=accelerator.is_local_main_process, reduce=sum_over_processes,
                                   process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                                  num_to_prune=controller.remaining_to_prune)
+                                  num_to_prune=controller.remaining_to_prune, learned_options=learned_options)
             ced_scores = dict(zip(result.block_indices, result.scores))
         state = [None]
         if accelerator.is_main_process:
@@ -816,8 +942,14 @@ def train(args, accelerator, resume_path):
                 labels = torch.where(draws.drop_label.to(device), null_class, labels)  # CFG dropout, once a sample
                 timesteps = objective.timesteps_from_fraction(draws.fractions).to(device)
                 noised = objective.add_noise(latents, draws.noise.to(device), timesteps)
-                output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
-                loss = objective.loss(output.float(), latents, noised).mean()
+                if distiller is None:
+                    output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
+                    loss = objective.loss(output.float(), latents, noised).mean()
+                else:  # the teacher sees the same noised latents, timesteps and (dropped) labels
+                    with distiller.capture(model, global_step) as student_hidden:
+                        output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
+                    loss = distiller.loss(objective, output.float(), latents, noised, labels, student_hidden,
+                                          global_step).mean()
                 # every process learns of a non-finite loss, so none is left waiting in a gradient all-reduce
                 if any_process(accelerator, not torch.isfinite(loss.detach()).item()):
                     raise divergence_error(args, f"The training loss is {loss.item()} at step {global_step}: "
@@ -841,6 +973,8 @@ def train(args, accelerator, resume_path):
             logs = {"loss": sum(losses) / len(losses), "lr": lr_scheduler.get_last_lr()[0],
                     "num_blocks": accelerator.unwrap_model(model).num_blocks}
             progress.set_postfix(**logs)
+            if distiller is not None:  # loss/ground_truth, loss/distill_output, loss/distill_feature
+                logs.update(distiller.end_step(step_seconds=current_stage_times[-1]))
             accelerator.log(logs, step=global_step)
 
             stopping = stop_requested(accelerator)  # SIGTERM on any process: all stop after this same step
@@ -862,6 +996,10 @@ def train(args, accelerator, resume_path):
     if accelerator.num_processes > 1:
         check_processes_agree(accelerator, accelerator.unwrap_model(model))
     args.bad_images.merge(accelerator)  # every process takes part; the main process reports the total
+    distillation = None
+    if distiller is not None:  # its config and the teacher's cost; the teacher's memory is freed before the export
+        distillation = {"teacher": args.teacher_model_name_or_path or f"{source_name} (the source model)",
+                        "teacher_weights_sha256": teacher_fingerprint, **distiller.finish()}
     if accelerator.is_main_process:
         # without accelerate's autocast forward: the speed comparison and the samples run both models alike
         final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -871,7 +1009,7 @@ def train(args, accelerator, resume_path):
             merge_lora(final)
         final.eval()
         export(args, final, vae, scheduler, id2label, controller, stage_times, source, source_name, dataset_name,
-               device, identity)
+               device, identity, distillation=distillation)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -915,7 +1053,7 @@ def log_validation(accelerator, model, vae, scheduler, ema, args, global_step):
 
 
 def export(args, transformer, vae, scheduler, id2label, controller, stage_times, source, source_name, dataset_name,
-           device, identity):
+           device, identity, distillation=None):
     """Write the pipeline folder into output_dir (staged, then moved in; model_index.json last), the report,
     ced.png and samples.png, and push it if asked."""
     vae = vae.float()
@@ -943,9 +1081,13 @@ def export(args, transformer, vae, scheduler, id2label, controller, stage_times,
                                                    "lr_scheduler", "use_ema", "use_lora", "mixed_precision",
                                                    "class_dropout_prob", "seed", "pruning_stages", "pruning_steps",
                                                    "rank_once", "ranking", "ranking_seed", "ced_num_samples",
-                                                   "ced_variance",
+                                                   "ced_variance", "ced_estimator", "ced_signal",
                                                    "proxy_batch_size", "zico_num_batches", "zico_reduction")},
     }
+    if args.ranking == "learned":  # its options, resolved (LEARNED_FLAGS stay None for the other rankings)
+        report["training"].update({name: getattr(args, name) for name in LEARNED_FLAGS})
+    if distillation is not None:  # knowledge distillation: its settings and the teacher's time per step
+        report["distillation"] = distillation
     if args.speed_batch_size:
         pipeline_cls = pipeline_class(args.model_type)
         original_pipe = pipeline_cls(transformer=original, vae=vae, scheduler=scheduler)

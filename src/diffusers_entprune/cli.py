@@ -27,6 +27,7 @@ import json
 import os
 import sys
 
+from .importance.learned import add_learned_arguments, learned_options_from_args
 from .importance.ranking import RANKING_METHODS, TARGET_AWARE_METHODS
 from .model_types import MODEL_TYPES
 
@@ -196,10 +197,18 @@ def _parse_score_args(argv):
     ced.add_argument("--variance", choices=("scalar", "channel", "diag"), default="channel")
     ced.add_argument("--signed", action="store_true", help="Report H_skip - H_full instead of its magnitude.")
     ced.add_argument("--pooled", action="store_true", help="Pool all classes into one Gaussian.")
+    ced.add_argument("--estimator", choices=("entropy", "residual", "kl", "w2"), default="entropy",
+                     help="entropy: the paper's |H(Y|C) - H(Y_skip|C)|; residual: H(Y_skip | Y_full, C), what the "
+                          "skip adds that the full output does not explain; kl: KL(full || skip); w2: squared "
+                          "2-Wasserstein distance (per-class Gaussians; see importance/ced.py).")
+    ced.add_argument("--signal", choices=("prediction", "condition"), default="prediction",
+                     help="prediction: the model's prediction (the paper); condition: prediction(class) - "
+                          "prediction(null class) on the same inputs (twice the block work).")
     ced.add_argument("--timestep_range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                      help="Fractions of the training time range to draw t from.")
     ced.add_argument("--num_timestep_buckets", type=int, default=4)
     ced.add_argument("--no_prefix_cache", action="store_true", help="Run the naive ablation (for checking).")
+    add_learned_arguments(parser)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite_output_dir", action="store_true")
     args = parser.parse_args(argv)
@@ -219,12 +228,15 @@ def _parse_score_args(argv):
                      f"range), got {low} {high}.")
     if args.num_timestep_buckets < 1:
         parser.error(f"--num_timestep_buckets must be >= 1, got {args.num_timestep_buckets}.")
+    if args.signed and args.estimator != "entropy":
+        parser.error(f"--signed applies to --estimator entropy only, got --estimator {args.estimator}.")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must lie in [0, 2**32), got {args.seed}.")
     if args.method in TARGET_AWARE_METHODS and args.num_prune is None:
         parser.error(f"--method {args.method} chooses the set of blocks to remove for a target: pass --num_prune N.")
     if args.num_prune is not None and args.num_prune < 1:
         parser.error(f"--num_prune must be >= 1, got {args.num_prune}.")
+    args.learned_options = learned_options_from_args(args, args.method, "--method", parser.error)
     return args
 
 
@@ -256,7 +268,8 @@ def score_command(argv) -> int:
                              "--latent_cache_dir": args.latent_cache_dir})
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (statistics are summed)
     options = CEDOptions(variance=args.variance, signed=args.signed, per_class=not args.pooled,
-                         timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets)
+                         timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets,
+                         estimator=args.estimator, signal=args.signal)
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
     device = accelerator.device
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
@@ -288,7 +301,7 @@ def score_command(argv) -> int:
                           ced_options=options, prefix_cache=not args.no_prefix_cache,
                           progress=accelerator.is_local_main_process, reduce=sum_over_processes,
                           process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                          num_to_prune=args.num_prune)
+                          num_to_prune=args.num_prune, learned_options=args.learned_options)
     scores = result.to_dict()
     scores.update(pretrained_model_name_or_path=source_name, model_type=model_type,
                   dataset=dataset_label, split=args.split, resolution=resolution, class_mapping=class_mapping,

@@ -10,19 +10,21 @@ from .baselines import (
     uniform_scores,
 )
 from .ced import CEDOptions, compute_ced
+from .learned import LearnedRankingOptions, learned_scores
 
-RANKING_METHODS = ("ced", *BASELINE_METHODS)
+RANKING_METHODS = ("ced", *BASELINE_METHODS, "learned")
 # rankings that pick the set for a given number of blocks to remove, rather than score each block alone
-TARGET_AWARE_METHODS = ("uniform",)
+TARGET_AWARE_METHODS = ("uniform", "learned")
 
 
 def score_blocks(method: str, model, objective, batches, num_samples: int, seed: int = 0,
                  ced_options: CEDOptions | None = None, prefix_cache: bool = True, progress: bool = False,
-                 reduce=None, process_index: int = 0, num_processes: int = 1, num_to_prune: int | None = None):
+                 reduce=None, process_index: int = 0, num_processes: int = 1, num_to_prune: int | None = None,
+                 learned_options: LearnedRankingOptions | None = None):
     """Score the model's present blocks with ``method`` (higher = more important); see `compute_ced` and
     `baselines` for each. ``batches`` are this process's share; ``reduce`` sums statistics over processes.
     ``num_to_prune``: how many blocks are to go; the methods in `TARGET_AWARE_METHODS` choose that set (its
-    blocks rank lowest) and need it."""
+    blocks rank lowest) and need it. ``learned_options``: the options of the ``learned`` ranking."""
     if method not in RANKING_METHODS:
         raise ValueError(f"`method` must be one of {RANKING_METHODS}, got {method!r}.")
     if method in TARGET_AWARE_METHODS and num_to_prune is None:
@@ -38,6 +40,9 @@ def score_blocks(method: str, model, objective, batches, num_samples: int, seed:
         return compute_ced(model, objective, batches, num_samples, ced_options, seed=seed, prefix_cache=prefix_cache,
                            **shards)
     options = ced_options or CEDOptions()
+    if method == "learned":
+        return learned_scores(model, objective, batches, num_samples, num_to_prune, seed=seed, options=learned_options,
+                              timestep_range=options.timestep_range, **shards)
     functions = {"taylor": taylor_scores, "block_influence": block_influence_scores, "loss": loss_ablation_scores}
     return functions[method](model, objective, batches, num_samples, seed=seed,
                              timestep_range=options.timestep_range, **shards)
