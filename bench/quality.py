@@ -125,7 +125,7 @@ def append_row(path: str, row: dict) -> None:
 
 
 def data_args(args) -> list[str]:
-    """The model and data flags every training run gets, plus ``--script_args``."""
+    """The model and data flags every training run gets."""
     out = []
     for name in ("pretrained_model_name_or_path", "dataset_name", "train_data_dir", "image_column", "label_column"):
         value = getattr(args, name)
@@ -133,7 +133,12 @@ def data_args(args) -> list[str]:
             out += [f"--{name}", str(value)]
     if args.pretrained_model_name_or_path is None:
         out += ["--model_type", args.model_type]
-    return out + shlex.split(args.script_args or "")
+    return out
+
+
+def user_args(args) -> list[str]:
+    """``--script_args``, placed last so that they override the benchmark's own defaults (e.g. checkpointing)."""
+    return shlex.split(args.script_args or "")
 
 
 def device() -> str:
@@ -203,7 +208,7 @@ def pruned_at_step_zero(script, args, method: str, ratio: float, seed: int):
     from diffusers_entprune.models import EntPrunedTransformer2DModel
 
     script_args = script.parse_args([*data_args(args), "--seed", str(seed), "--target_prune_ratio", str(ratio),
-                                     *method_args(method, seed)])
+                                     *method_args(method, seed), *user_args(args)])
     script.resolve_model_type(script_args)
     source = script_args.source
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer").eval()
@@ -220,15 +225,17 @@ def pruned_at_step_zero(script, args, method: str, ratio: float, seed: int):
     num_to_prune = round(ratio * transformer.original_num_layers)
     options = {k: getattr(script_args, f"ced_{k}") for k in ("variance", "estimator", "signal")
                if hasattr(script_args, f"ced_{k}")}
-    extra = {name: getattr(script_args, name) for name in script.ranking_kwargs(script_args)} \
-        if hasattr(script, "ranking_kwargs") else {}
+    from diffusers_entprune.importance.learned import learned_options_from_args
+
+    learned_options = learned_options_from_args(script_args, script_args.ranking, "--ranking")  # as the script does
     start = time.perf_counter()
     with torch.enable_grad():  # taylor and learned need gradients
         result = score_blocks(script_args.ranking, transformer, objective,
                               list(zip(latents.split(script_args.ced_batch_size),
                                        labels.split(script_args.ced_batch_size))),
                               script_args.ced_num_samples, seed=script_args.ranking_seed,
-                              ced_options=CEDOptions(**options), num_to_prune=num_to_prune, **extra)
+                              ced_options=CEDOptions(**options), num_to_prune=num_to_prune,
+                              learned_options=learned_options)
     seconds = time.perf_counter() - start
     transformer.prune_blocks(result.ranking[:num_to_prune])
     return pipe, sorted(result.ranking[:num_to_prune]), seconds
@@ -236,10 +243,12 @@ def pruned_at_step_zero(script, args, method: str, ratio: float, seed: int):
 
 def run_script(script, args, method: str, ratio: float, seed: int, budget: int, output_dir: str):
     argv = [*data_args(args), "--seed", str(seed), "--max_train_steps", str(budget), "--output_dir", output_dir,
-            "--overwrite_output_dir", "--validation_steps", "0", "--speed_batch_size", "0",
+            "--overwrite_output_dir", "--resume_from_checkpoint", "latest",  # a stopped run continues
+            "--validation_steps", "0", "--speed_batch_size", "0",
             "--checkpointing_steps", str(10 * budget), *method_args(method, seed)]
     if method != "fine_tune_only":
         argv += ["--target_prune_ratio", str(ratio)]
+    argv += user_args(args)
     start = time.perf_counter()
     if args.num_processes > 1:  # one `accelerate launch` per run, as a user would
         command = ["accelerate", "launch", "--num_processes", str(args.num_processes),
@@ -498,7 +507,8 @@ def metric_table(rows, pruned, columns, order, metric, better, guidance) -> list
         clear = n1 > 1 and n2 > 1 and margin > std1 + std2
         text = (f"{ratio:.2f} / {budget}: **{first}** {mean1:.3g} ± {std1:.2g} (n={n1}), ahead of {second} "
                 f"{mean2:.3g} ± {std2:.2g} (n={n2}) by {margin:.2g}, "
-                + ("beyond the spread" if clear else "within the spread"))
+                + ("one run each, no seed spread" if n1 == 1 or n2 == 1 else
+                   "beyond the spread" if clear else "within the spread"))
         names = [m for *_, m in ranked]
         for reference in ("entpruner",):
             if reference in names and first != reference:

@@ -12,10 +12,16 @@ zero-shot proxies against the real quality of candidate sub-networks, on the emb
    compared by Spearman's rho with the FID after the same short fine-tuning (rho is reported so that positive =
    the proxy orders the candidates as their quality does).
 
+Every ranking is scored: the paper's CED and its estimator options (`SCORE_VARIANTS`), the baselines, and the
+set-choosing rankings (``learned``, ``uniform``) at the 50% target. With several ``--seeds`` each single-block
+removal is fine-tuned once per training seed: rho is reported per seed (mean ± std), next to the rho between the
+seeds' own drops, the test-retest agreement that bounds what any score can reach on this measurement.
+
     python bench/score_validity.py --quick      # 4 single blocks and 6 candidates, 300 samples (minutes)
     python bench/score_validity.py              # all 12 blocks, 12 candidates, 1000 samples
+    python bench/score_validity.py --seeds 0 1 --num_samples 500 --skip_proxies   # rankings only, two seeds
 
-Results go to bench/results/score_validity[-quick].json and are printed as markdown.
+Results go to bench/results/score_validity[-quick]-MODEL.json (``--results``) and are printed as markdown.
 """
 
 import argparse
@@ -30,6 +36,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import ROOT, Evaluator, load_script, reset_accelerate  # noqa: E402
+
+# name -> (ranking method, CEDOptions overrides); the set-choosing rankings score for a 50% target
+SCORE_VARIANTS = {
+    "ced": ("ced", {}),  # the paper's estimator
+    "ced_residual": ("ced", {"estimator": "residual"}),
+    "ced_kl": ("ced", {"estimator": "kl"}),
+    "ced_w2": ("ced", {"estimator": "w2"}),
+    "ced_condition": ("ced", {"signal": "condition"}),
+    "ced_residual_condition": ("ced", {"estimator": "residual", "signal": "condition"}),
+    "random": ("random", {}),
+    "magnitude": ("magnitude", {}),
+    "taylor": ("taylor", {}),
+    "block_influence": ("block_influence", {}),
+    "loss": ("loss", {}),
+    "learned": ("learned", {}),
+    "uniform": ("uniform", {}),
+}
 
 
 def spearman(x, y) -> float:
@@ -62,10 +85,11 @@ def prune_and_fine_tune(script, model_type: str, blocks: list[int], steps: int, 
 
 @torch.no_grad()
 def base_scores_and_pool(script, model_type: str, seed: int):
-    """Every ranking's scores on the base, the base itself, its objective and the script's fixed pool."""
+    """Every ranking's scores on the base (and the seconds each took), the base itself, its objective and the
+    script's fixed pool."""
     from diffusers_entprune.data import vae_scale_factor
     from diffusers_entprune.embedded import load_digits_dataset
-    from diffusers_entprune.importance import RANKING_METHODS, CEDOptions, score_blocks
+    from diffusers_entprune.importance import CEDOptions, score_blocks
     from diffusers_entprune.model_types import objective_for, pipeline_class, resolve_source
     from diffusers_entprune.models import EntPrunedTransformer2DModel
 
@@ -77,14 +101,29 @@ def base_scores_and_pool(script, model_type: str, seed: int):
     resolution = transformer.config.sample_size * vae_scale_factor(pipe.vae)
     latents, labels = script.build_ced_pool(load_digits_dataset("downstream", split="train"), pipe.vae, resolution,
                                             args, transformer.config.num_embeds_ada_norm)
-    scores = {}
-    for method in RANKING_METHODS:
+    pool = list(zip(latents.split(args.ced_batch_size), labels.split(args.ced_batch_size)))
+    scores, seconds = {}, {}
+    for name, (method, options) in SCORE_VARIANTS.items():
+        start = time.perf_counter()
         with torch.enable_grad():
-            result = score_blocks(method, transformer, objective,
-                                  zip(latents.split(args.ced_batch_size), labels.split(args.ced_batch_size)),
-                                  args.ced_num_samples, seed=seed, ced_options=CEDOptions(variance=args.ced_variance))
-        scores[method] = dict(zip(result.block_indices, result.scores))
-    return scores, transformer, objective, (latents, labels), args
+            result = score_blocks(method, transformer, objective, pool, args.ced_num_samples, seed=seed,
+                                  ced_options=CEDOptions(variance=args.ced_variance, **options),
+                                  num_to_prune=transformer.num_blocks // 2)
+        seconds[name] = round(time.perf_counter() - start, 2)
+        scores[name] = dict(zip(result.block_indices, result.scores))
+    return scores, seconds, transformer, objective, (latents, labels), args
+
+
+def embedded_evaluator(args, model_type: str, num_classes: int):
+    """`quality.Evaluator` on the embedded downstream training digits with the digit classifier's features."""
+    from diffusers_entprune.model_types import resolve_source
+
+    _, source, _ = resolve_source(None, model_type)
+    settings = argparse.Namespace(**vars(args), feature_network="digits", inception_weights=None,
+                                  reference="embedded:downstream", reference_split="train", reference_config_name=None,
+                                  image_column=None, label_column=None, class_mapping_file=None,
+                                  max_reference_images=None, sampler=None, sample_batch_size=250)
+    return Evaluator(settings, source, num_classes)
 
 
 def main():
@@ -92,7 +131,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model_type", choices=("dit", "sit"), default="dit")
     parser.add_argument("--steps", type=int, default=100, help="Fine-tuning steps after each removal.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="Training seeds of the fine-tuning after each removal (the first also seeds the scores).")
     parser.add_argument("--num_samples", type=int, default=None)
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--sample_seed", type=int, default=1234)
@@ -100,80 +140,119 @@ def main():
     parser.add_argument("--candidate_drops", type=int, nargs="+", default=None,
                         help="Candidate sizes m (blocks dropped) at the first stage boundary.")
     parser.add_argument("--random_candidates", type=int, default=1, help="Random candidates per size m > 0.")
+    parser.add_argument("--skip_proxies", action="store_true", help="Rankings only (part 1).")
+    parser.add_argument("--results", default=None)
     args = parser.parse_args()
     args.num_samples = args.num_samples or (300 if args.quick else 1000)
     args.candidate_drops = args.candidate_drops or ([0, 2, 4] if args.quick else [0, 1, 2, 3, 4, 6])
     started = time.time()
     script = load_script()
-    evaluate = Evaluator(args)
     work = os.path.join(ROOT, "build", "score_validity", args.model_type)
-    scores, base, objective, (latents, labels), script_args = base_scores_and_pool(script, args.model_type,
-                                                                                   args.seed)
+    scores, score_seconds, base, objective, (latents, labels), script_args = base_scores_and_pool(
+        script, args.model_type, args.seeds[0])
+    evaluate = embedded_evaluator(args, args.model_type, base.config.num_embeds_ada_norm)
     num_layers = base.original_num_layers
     guidance = args.guidance_scales[0]
 
-    def quality(blocks):
-        pipe = prune_and_fine_tune(script, args.model_type, blocks, args.steps, args.seed, work)
+    def quality(blocks, seed):
+        pipe = prune_and_fine_tune(script, args.model_type, blocks, args.steps, seed, work)
         return evaluate(pipe, guidance)
 
-    # 1. rankings against the measured cost of removing each block
-    reference = quality([])
+    # 1. rankings against the measured cost of removing each block, once per training seed
     blocks = list(range(num_layers)) if not args.quick else [0, 3, 7, 11]
-    single = {b: quality([b]) for b in blocks}
-    drops = {b: {"fid": single[b]["fid"] - reference["fid"],
-                 "class_fidelity": reference["class_fidelity"] - single[b]["class_fidelity"]} for b in blocks}
-    rankings = {method: {metric: spearman([scores[method][b] for b in blocks], [drops[b][metric] for b in blocks])
-                         for metric in ("fid", "class_fidelity")} for method in scores}
-
-    # 2. proxies against the measured quality of candidates at the first stage
-    from diffusers_entprune.controller import combine_proxies
-    from diffusers_entprune.proxies import score_candidates
-
-    order = sorted(range(num_layers), key=lambda b: (scores["ced"][b], b))
-    generator = torch.Generator().manual_seed(args.seed)
-    candidates = [sorted(order[:m]) for m in args.candidate_drops]
-    for m in args.candidate_drops:
-        for _ in range(args.random_candidates if m else 0):
-            candidates.append(sorted(torch.randperm(num_layers, generator=generator)[:m].tolist()))
-    b = script_args.proxy_batch_size
-    zico_batches = [(latents[b * (i + 1): b * (i + 2)], labels[b * (i + 1): b * (i + 2)])
-                    for i in range(script_args.zico_num_batches)]
-    proxies = score_candidates(base, objective, candidates, (latents[:b], labels[:b]), zico_batches,
-                               seed=args.seed, zico_reduction=script_args.zico_reduction)
-    combined = combine_proxies([p.ntk_condition_number for p in proxies], [p.zico for p in proxies])
-    measured = [quality(c) for c in candidates]
-    fids = [m["fid"] for m in measured]
-    proxy_rho = {  # positive: the proxy's "better" goes with lower FID
-        "ntk_condition_number": spearman([p.ntk_condition_number for p in proxies], fids),
-        "zico": -spearman([p.zico for p in proxies], fids),
-        "combined": -spearman(combined, fids),
-        "blocks_dropped": spearman([len(c) for c in candidates], fids),
-    }
+    reference = {seed: quality([], seed) for seed in args.seeds}
+    single = {seed: {b: quality([b], seed) for b in blocks} for seed in args.seeds}
+    drops = {seed: {b: {"fid": single[seed][b]["fid"] - reference[seed]["fid"],
+                        "class_fidelity": reference[seed]["class_fidelity"] - single[seed][b]["class_fidelity"]}
+                    for b in blocks} for seed in args.seeds}
+    metrics = ("fid", "class_fidelity")
+    rankings = {method: {metric: [spearman([scores[method][b] for b in blocks],
+                                           [drops[seed][b][metric] for b in blocks]) for seed in args.seeds]
+                         for metric in metrics} for method in scores}
+    # how well one seed's drops predict another's: the most any score can reach on this measurement
+    pairs = [(a, b) for i, a in enumerate(args.seeds) for b in args.seeds[i + 1:]]
+    retest = {metric: [spearman([drops[a][k][metric] for k in blocks], [drops[b][k][metric] for k in blocks])
+                       for a, b in pairs] for metric in metrics}
+    mean_drops = {b: {metric: sum(drops[seed][b][metric] for seed in args.seeds) / len(args.seeds)
+                      for metric in metrics} for b in blocks}
+    rankings_on_mean = {method: {metric: spearman([scores[method][b] for b in blocks],
+                                                  [mean_drops[b][metric] for b in blocks]) for metric in metrics}
+                        for method in scores}
 
     result = {"settings": vars(args), "reference_fine_tuned": reference, "single_block": {
-        str(b): {**single[b], "drop": drops[b], "scores": {m: scores[m][b] for m in scores}} for b in blocks},
-        "ranking_spearman": rankings,
-        "candidates": [{"blocks": c, "ntk_condition_number": p.ntk_condition_number, "zico": p.zico,
-                        "combined": s, **m} for c, p, s, m in zip(candidates, proxies, combined, measured)],
-        "proxy_spearman": proxy_rho, "minutes": round((time.time() - started) / 60, 1),
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    path = os.path.join(ROOT, "bench", "results", f"score_validity{'-quick' if args.quick else ''}-{args.model_type}"
-                        ".json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+        str(b): {"per_seed": {seed: single[seed][b] for seed in args.seeds},
+                 "drop": {seed: drops[seed][b] for seed in args.seeds}, "mean_drop": mean_drops[b],
+                 "scores": {m: scores[m][b] for m in scores}} for b in blocks},
+        "ranking_spearman_per_seed": rankings, "ranking_spearman_on_mean_drop": rankings_on_mean,
+        "retest_spearman": retest, "score_seconds": score_seconds}
+
+    if not args.skip_proxies:  # 2. proxies against the measured quality of candidates at the first stage
+        from diffusers_entprune.controller import combine_proxies
+        from diffusers_entprune.proxies import score_candidates
+
+        seed = args.seeds[0]
+        order = sorted(range(num_layers), key=lambda b: (scores["ced"][b], b))
+        generator = torch.Generator().manual_seed(seed)
+        candidates = [sorted(order[:m]) for m in args.candidate_drops]
+        for m in args.candidate_drops:
+            for _ in range(args.random_candidates if m else 0):
+                candidates.append(sorted(torch.randperm(num_layers, generator=generator)[:m].tolist()))
+        b = script_args.proxy_batch_size
+        zico_batches = [(latents[b * (i + 1): b * (i + 2)], labels[b * (i + 1): b * (i + 2)])
+                        for i in range(script_args.zico_num_batches)]
+        proxies = score_candidates(base, objective, candidates, (latents[:b], labels[:b]), zico_batches,
+                                   seed=seed, zico_reduction=script_args.zico_reduction)
+        combined = combine_proxies([p.ntk_condition_number for p in proxies], [p.zico for p in proxies])
+        measured = [quality(c, seed) for c in candidates]
+        fids = [m["fid"] for m in measured]
+        result["proxy_spearman"] = {  # positive: the proxy's "better" goes with lower FID
+            "ntk_condition_number": spearman([p.ntk_condition_number for p in proxies], fids),
+            "zico": -spearman([p.zico for p in proxies], fids),
+            "combined": -spearman(combined, fids),
+            "blocks_dropped": spearman([len(c) for c in candidates], fids),
+        }
+        result["candidates"] = [{"blocks": c, "ntk_condition_number": p.ntk_condition_number, "zico": p.zico,
+                                 "combined": s, **m} for c, p, s, m in zip(candidates, proxies, combined, measured)]
+    result.update(minutes=round((time.time() - started) / 60, 1), date=time.strftime("%Y-%m-%d"),
+                  torch=torch.__version__)
+    path = args.results or os.path.join(ROOT, "bench", "results",
+                                        f"score_validity{'-quick' if args.quick else ''}-{args.model_type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-
-    print(f"Rankings against the measured drop after removing one block and fine-tuning {args.steps} steps "
-          f"({len(blocks)} blocks, {args.num_samples} samples, guidance {guidance}); Spearman rho:\n")
-    print("| ranking | rho with FID increase | rho with class-fidelity loss |\n|---|---|---|")
-    for method, rho in rankings.items():
-        print(f"| {method} | {rho['fid']:+.2f} | {rho['class_fidelity']:+.2f} |")
-    print(f"\nProxies against FID after pruning each of {len(candidates)} candidates and fine-tuning {args.steps} "
-          "steps; Spearman rho (positive = the proxy orders candidates as their quality does):\n")
-    print("| proxy | rho |\n|---|---|")
-    for name, rho in proxy_rho.items():
-        print(f"| {name} | {rho:+.2f} |")
+    print_tables(result, args, len(blocks), guidance)
     print(f"\nwrote {path} ({result['minutes']} min)")
+
+
+def mean_std(values) -> str:
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def print_tables(result, args, num_blocks, guidance):
+    seeds = len(args.seeds)
+    print(f"Rankings against the measured drop after removing one block and fine-tuning {args.steps} steps "
+          f"({num_blocks} blocks, {args.num_samples} samples, guidance {guidance}, {seeds} training seed(s)); "
+          "Spearman rho per seed (mean ± std over seeds), and against the drop averaged over the seeds:\n")
+    print("| ranking | rho, FID increase | rho, class-fidelity loss | rho on mean drop (FID / class fid.) | "
+          "scoring time |\n|---|---|---|---|---|")
+    for method, rho in result["ranking_spearman_per_seed"].items():
+        on_mean = result["ranking_spearman_on_mean_drop"][method]
+        print(f"| {method} | {mean_std(rho['fid'])} | {mean_std(rho['class_fidelity'])} | "
+              f"{on_mean['fid']:+.2f} / {on_mean['class_fidelity']:+.2f} | {result['score_seconds'][method]} s |")
+    if result["retest_spearman"]["fid"]:
+        retest = result["retest_spearman"]
+        print(f"| *seed vs seed (test-retest)* | {mean_std(retest['fid'])} | {mean_std(retest['class_fidelity'])} "
+              "| | |")
+    if "proxy_spearman" in result:
+        print(f"\nProxies against FID after pruning each of {len(result['candidates'])} candidates and fine-tuning "
+              f"{args.steps} steps; Spearman rho (positive = the proxy orders candidates as their quality does):\n")
+        print("| proxy | rho |\n|---|---|")
+        for name, rho in result["proxy_spearman"].items():
+            print(f"| {name} | {rho:+.2f} |")
 
 
 if __name__ == "__main__":
