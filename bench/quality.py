@@ -67,9 +67,11 @@ METHODS = {  # name -> arguments of examples/prune_dit.py; {seed} is the trainin
     "uniform": ["--ranking", "uniform", "--pruning_mode", "one_shot"],
     "learned": ["--ranking", "learned", "--pruning_mode", "one_shot"],
 }
-# distillation from the source model: output KD mixed half and half with the ground truth, plus masked feature KD
-# that decays to 0 over the pruning steps
+# distillation: output KD mixed half and half with the ground truth, plus masked feature KD that decays to 0 over
+# the run; "+kd" from the source model (the script's default teacher), "+kdft" from `--kd_teacher`, a model
+# fine-tuned on the downstream data (e.g. this grid's own fine_tune_only output at its longest budget)
 KD_SUFFIX = "+kd"
+KD_FT_SUFFIX = "+kdft"
 KD_ARGS = ["--distill_output_weight", "0.5", "--distill_feature_weight", "1.0"]
 PROGRESSIVE = {"entpruner", "entpruner_residual", "ced_fixed"}  # no "right after pruning" point
 # the contenders of issue 13, in table order
@@ -84,13 +86,23 @@ TABLE_ORDER = ["fine_tune_only", "entpruner", "ced_fixed", "ced_one_shot", "entp
                "magnitude"]
 
 
-def method_args(method: str, seed: int) -> list[str]:
-    base, kd = (method[: -len(KD_SUFFIX)], True) if method.endswith(KD_SUFFIX) else (method, False)
-    if base not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)} (+kd for distillation)")
-    if kd and base == "fine_tune_only":
-        raise ValueError("fine_tune_only+kd distils the unpruned model into itself; leave +kd off")
-    return [a.format(seed=seed) for a in METHODS[base]] + (KD_ARGS if kd else [])
+def method_args(method: str, seed: int, kd_teacher: str | None = None) -> list[str]:
+    base, _, suffix = method.partition("+")
+    suffix = "+" + suffix if suffix else ""
+    if base not in METHODS or suffix not in ("", KD_SUFFIX, KD_FT_SUFFIX):
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}, +kd (distillation from the "
+                         "source model) or +kdft (from --kd_teacher)")
+    if suffix and base == "fine_tune_only":
+        raise ValueError(f"fine_tune_only{suffix} would distil into the unpruned model; leave {suffix} off")
+    extra = []
+    if suffix == KD_SUFFIX:
+        extra = KD_ARGS
+    elif suffix == KD_FT_SUFFIX:
+        if kd_teacher is None:
+            raise ValueError(f"{method!r} distils from a fine-tuned teacher: pass --kd_teacher (a pipeline folder, "
+                             "e.g. a fine_tune_only output of this grid)")
+        extra = KD_ARGS + ["--teacher_model_name_or_path", kd_teacher]
+    return [a.format(seed=seed) for a in METHODS[base]] + extra
 
 
 def load_script():
@@ -208,7 +220,7 @@ def pruned_at_step_zero(script, args, method: str, ratio: float, seed: int):
     from diffusers_entprune.models import EntPrunedTransformer2DModel
 
     script_args = script.parse_args([*data_args(args), "--seed", str(seed), "--target_prune_ratio", str(ratio),
-                                     *method_args(method, seed), *user_args(args)])
+                                     *method_args(method, seed, args.kd_teacher), *user_args(args)])
     script.resolve_model_type(script_args)
     source = script_args.source
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer").eval()
@@ -245,7 +257,7 @@ def run_script(script, args, method: str, ratio: float, seed: int, budget: int, 
     argv = [*data_args(args), "--seed", str(seed), "--max_train_steps", str(budget), "--output_dir", output_dir,
             "--overwrite_output_dir", "--resume_from_checkpoint", "latest",  # a stopped run continues
             "--validation_steps", "0", "--speed_batch_size", "0",
-            "--checkpointing_steps", str(10 * budget), *method_args(method, seed)]
+            "--checkpointing_steps", str(10 * budget), *method_args(method, seed, args.kd_teacher)]
     if method != "fine_tune_only":
         argv += ["--target_prune_ratio", str(ratio)]
     argv += user_args(args)
@@ -294,7 +306,7 @@ def measure(args):
                   dataset=args.dataset_name or args.train_data_dir or "embedded", reference=evaluate.reference_name,
                   feature_network=args.feature_network, num_samples=args.num_samples,
                   num_inference_steps=args.num_inference_steps, sample_seed=args.sample_seed,
-                  script_args=args.script_args, commit=code_version())
+                  script_args=args.script_args, kd_teacher=args.kd_teacher, commit=code_version())
 
     def record(row, pipe, guidance):
         row = {**common, **row, "guidance_scale": guidance}
@@ -337,7 +349,7 @@ def measure(args):
                             continue  # no training: the model depends on the ranking alone, not the training seed
                         if method.split("+")[0] in PROGRESSIVE or method == "fine_tune_only":
                             continue  # no point "right after pruning" / that is the base, recorded above
-                        if method.endswith(KD_SUFFIX):
+                        if "+" in method:
                             continue  # distillation acts in training only: same blocks as without it
                         pipe, kept_out, rank_seconds = pruned_at_step_zero(script, args, method, ratio, seed)
                         info = {"pruned_blocks": kept_out, "ranking_seconds": round(rank_seconds, 2),
@@ -400,7 +412,7 @@ def group_random(method: str) -> str:
 def table_order(rows) -> list[str]:
     """Methods in `TABLE_ORDER`, each followed by its +kd variant, then any other method present."""
     present = {group_random(r["method"]) for r in rows if r["method"] not in ("real", "base")}
-    order = [m for base in TABLE_ORDER for m in (base, base + KD_SUFFIX) if m in present]
+    order = [m for base in TABLE_ORDER for m in (base, base + KD_SUFFIX, base + KD_FT_SUFFIX) if m in present]
     return order + sorted(present - set(order))
 
 
@@ -540,7 +552,7 @@ def plot(rows, args):
                 continue
             means = [statistics.fmean(r["fid"] for r in chosen if r["budget"] == b) for b in budgets]
             ax.plot(budgets, means, marker="o", label=method,
-                    linestyle="--" if method == "fine_tune_only" else (":" if KD_SUFFIX in method else "-"))
+                    linestyle="--" if method == "fine_tune_only" else (":" if "+" in method else "-"))
         for r in rows:
             if r["method"] == "real":
                 ax.axhline(r["fid"], color="grey", linewidth=0.8, linestyle=":", label="real held-out images")
@@ -602,7 +614,10 @@ def main():
     grid.add_argument("--seeds", type=int, nargs="+", default=None)
     grid.add_argument("--budgets", type=int, nargs="+", default=None, help="Fine-tuning steps (0: right after).")
     grid.add_argument("--methods", nargs="+", default=None,
-                      help=f"From {sorted(METHODS)}; add +kd to a pruning method for distillation.")
+                      help=f"From {sorted(METHODS)}; add +kd to a pruning method for distillation from the source "
+                           "model, +kdft for distillation from --kd_teacher.")
+    grid.add_argument("--kd_teacher", default=None,
+                      help="The teacher of the +kdft methods: a pipeline folder fine-tuned on the downstream data.")
     grid.add_argument("--results", default=None, help="Default: bench/results/quality-grid.jsonl (quick: "
                                                       "quality-quick.jsonl).")
     grid.add_argument("--work_dir", default=os.path.join(ROOT, "build", "quality"))
@@ -613,7 +628,7 @@ def main():
             setattr(args, name, value)
     for method in args.methods:  # before any heavy work
         try:
-            method_args(method, 0)
+            method_args(method, 0, args.kd_teacher)
         except ValueError as error:
             parser.error(f"--methods: {error}")
     if args.dataset_name is not None and args.train_data_dir is not None:
