@@ -55,10 +55,28 @@ SCORE_VARIANTS = {
 }
 
 
-def spearman(x, y) -> float:
-    from scipy.stats import spearmanr
+def average_ranks(values) -> list[float]:
+    """Ranks 1..n, tied values sharing the mean of their ranks (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
 
-    return float(spearmanr(x, y).statistic)
+
+def spearman(x, y) -> float:
+    """Spearman's rho: the Pearson correlation of the average ranks (nan when either side is constant)."""
+    rx, ry = torch.tensor(average_ranks(list(x)), dtype=torch.float64), torch.tensor(average_ranks(list(y)),
+                                                                                        dtype=torch.float64)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.square().sum() * ry.square().sum()).sqrt()
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def prune_and_fine_tune(script, model_type: str, blocks: list[int], steps: int, seed: int, work: str):
@@ -142,6 +160,9 @@ def main():
     parser.add_argument("--random_candidates", type=int, default=1, help="Random candidates per size m > 0.")
     parser.add_argument("--skip_proxies", action="store_true", help="Rankings only (part 1).")
     parser.add_argument("--results", default=None)
+    parser.add_argument("--damage_from", default=None,
+                        help="Take the single-block drops from this earlier result file instead of measuring them "
+                             "again (every ranking is scored anew; the rho's noise is then a bootstrap over blocks).")
     args = parser.parse_args()
     args.num_samples = args.num_samples or (300 if args.quick else 1000)
     args.candidate_drops = args.candidate_drops or ([0, 2, 4] if args.quick else [0, 1, 2, 3, 4, 6])
@@ -160,8 +181,17 @@ def main():
 
     # 1. rankings against the measured cost of removing each block, once per training seed
     blocks = list(range(num_layers)) if not args.quick else [0, 3, 7, 11]
-    reference = {seed: quality([], seed) for seed in args.seeds}
-    single = {seed: {b: quality([b], seed) for b in blocks} for seed in args.seeds}
+    if args.damage_from:  # drops measured by an earlier run of this script (one seed: its own)
+        with open(args.damage_from) as f:
+            earlier = json.load(f)
+        blocks = sorted(int(b) for b in earlier["single_block"])
+        seed = earlier["settings"].get("seed", args.seeds[0])
+        args.seeds = [seed]
+        reference = {seed: earlier["reference_fine_tuned"]}
+        single = {seed: {b: earlier["single_block"][str(b)] for b in blocks}}
+    else:
+        reference = {seed: quality([], seed) for seed in args.seeds}
+        single = {seed: {b: quality([b], seed) for b in blocks} for seed in args.seeds}
     drops = {seed: {b: {"fid": single[seed][b]["fid"] - reference[seed]["fid"],
                         "class_fidelity": reference[seed]["class_fidelity"] - single[seed][b]["class_fidelity"]}
                     for b in blocks} for seed in args.seeds}
@@ -179,14 +209,31 @@ def main():
                                                   [mean_drops[b][metric] for b in blocks]) for metric in metrics}
                         for method in scores}
 
+    # the noise of each rho: a bootstrap over the blocks (resampled with replacement, 2000 times), 5th-95th pct
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, len(blocks), (2000, len(blocks)), generator=generator).tolist()
+
+    def bootstrap(method, metric):
+        seed = args.seeds[0]
+        values = []
+        for draw in draws:
+            x = [scores[method][blocks[i]] for i in draw]
+            y = [drops[seed][blocks[i]][metric] for i in draw]
+            if len(set(x)) > 1 and len(set(y)) > 1:
+                values.append(spearman(x, y))
+        values.sort()
+        return [values[int(0.05 * len(values))], values[int(0.95 * len(values)) - 1]] if values else [None, None]
+
+    intervals = {method: {metric: bootstrap(method, metric) for metric in metrics} for method in scores}
     result = {"settings": vars(args), "reference_fine_tuned": reference, "single_block": {
         str(b): {"per_seed": {seed: single[seed][b] for seed in args.seeds},
                  "drop": {seed: drops[seed][b] for seed in args.seeds}, "mean_drop": mean_drops[b],
                  "scores": {m: scores[m][b] for m in scores}} for b in blocks},
         "ranking_spearman_per_seed": rankings, "ranking_spearman_on_mean_drop": rankings_on_mean,
-        "retest_spearman": retest, "score_seconds": score_seconds}
+        "retest_spearman": retest, "bootstrap_90": intervals, "score_seconds": score_seconds}
 
-    if not args.skip_proxies:  # 2. proxies against the measured quality of candidates at the first stage
+    # 2. proxies against the measured quality of candidates at the first stage
+    if not args.skip_proxies and not args.damage_from:
         from diffusers_entprune.controller import combine_proxies
         from diffusers_entprune.proxies import score_candidates
 
@@ -237,11 +284,16 @@ def print_tables(result, args, num_blocks, guidance):
     print(f"Rankings against the measured drop after removing one block and fine-tuning {args.steps} steps "
           f"({num_blocks} blocks, {args.num_samples} samples, guidance {guidance}, {seeds} training seed(s)); "
           "Spearman rho per seed (mean ± std over seeds), and against the drop averaged over the seeds:\n")
-    print("| ranking | rho, FID increase | rho, class-fidelity loss | rho on mean drop (FID / class fid.) | "
-          "scoring time |\n|---|---|---|---|---|")
+    print("| ranking | rho, FID increase | rho, class-fidelity loss | 90% bootstrap over blocks (FID / class fid.) | "
+          "rho on mean drop (FID / class fid.) | scoring time |\n|---|---|---|---|---|---|")
+
+    def interval(pair):
+        return "n/a" if pair[0] is None else f"[{pair[0]:+.2f}, {pair[1]:+.2f}]"
+
     for method, rho in result["ranking_spearman_per_seed"].items():
-        on_mean = result["ranking_spearman_on_mean_drop"][method]
+        on_mean, boot = result["ranking_spearman_on_mean_drop"][method], result["bootstrap_90"][method]
         print(f"| {method} | {mean_std(rho['fid'])} | {mean_std(rho['class_fidelity'])} | "
+              f"{interval(boot['fid'])} / {interval(boot['class_fidelity'])} | "
               f"{on_mean['fid']:+.2f} / {on_mean['class_fidelity']:+.2f} | {result['score_seconds'][method]} s |")
     if result["retest_spearman"]["fid"]:
         retest = result["retest_spearman"]

@@ -272,9 +272,9 @@ def test_bf16_mixed_precision_trains_samples_and_exports_float32(tmp_path, sourc
     assert report["training"]["mixed_precision"] == "bf16" and report["sampling_speed"]["speedup"] > 0
 
 
-@pytest.mark.parametrize("ranking", ["magnitude", "random"])
+@pytest.mark.parametrize("ranking", ["magnitude", "random", "uniform"])
 def test_baseline_rankings_drive_the_same_schedule(tmp_path, source_pipeline, ranking):  # noqa: F811
-    from diffusers_entprune.importance import magnitude_scores, random_scores
+    from diffusers_entprune.importance import magnitude_scores, random_scores, uniform_scores
     from diffusers_entprune.models import EntPrunedTransformer2DModel
 
     out = tmp_path / "out"
@@ -282,7 +282,8 @@ def test_baseline_rankings_drive_the_same_schedule(tmp_path, source_pipeline, ra
                              "--ranking_seed", "7", "--validation_steps", "0", "--speed_batch_size", "0"))
     report = json.load(open(out / "entprune_report.json"))
     source = EntPrunedTransformer2DModel.from_pretrained(source_pipeline, subfolder="transformer")
-    expected = magnitude_scores(source) if ranking == "magnitude" else random_scores(source, seed=7)
+    expected = {"magnitude": lambda: magnitude_scores(source), "random": lambda: random_scores(source, seed=7),
+                "uniform": lambda: uniform_scores(source, num_to_prune=3)}[ranking]()
     assert report["ranking"] == ranking and report["training"]["ranking_seed"] == 7
     assert report["stages"][0]["pruned_blocks"] == sorted(expected.ranking[:3])
     assert report["stages"][0]["ced_scores"] == {str(k): v for k, v in zip(expected.block_indices, expected.scores)}
