@@ -7,8 +7,7 @@ export for every method; only the method's flags differ), then sampled and measu
 downstream digits, with the embedded digit classifier as feature network (an ImageNet Inception means little on
 32 px digits and cannot be downloaded here); with ``--pretrained_model_name_or_path``, ``--dataset_name`` /
 ``--train_data_dir``, ``--reference`` and ``--feature_network inception`` the same grid runs on DiT-XL/2 and CUB on a
-GPU (bench/README.md has that command). Methods (`METHODS`; add ``+kd`` to any pruning method for distillation
-from the source model, `KD_ARGS`):
+GPU (bench/README.md has that command). Methods (`METHODS`, `KD_ARGS`):
 
 - ``fine_tune_only``: the unpruned model fine-tuned alike (the ceiling);
 - ``entpruner``: CED ranking, adaptive zero-shot schedule (the paper's method); ``ced_fixed`` / ``ced_one_shot``
@@ -16,7 +15,9 @@ from the source model, `KD_ARGS`):
   entropy estimator;
 - ``random`` (ranking seed 100 + training seed), ``magnitude``, ``taylor``, ``block_influence``, ``loss``: one-shot
   pruning by other rankings; ``uniform``: evenly spaced blocks (TinyFusion's "oracle", every other block at 50%);
-  ``learned``: recoverability-aware learned selection (Gumbel-softmax over block groups with LoRA).
+  ``learned``: recoverability-aware learned selection (Gumbel-softmax over block groups with LoRA);
+- ``+kd`` / ``+kdft`` after any pruning method: distillation from the source model / from a teacher fine-tuned on
+  the downstream data (``--kd_teacher``; by default the grid's own ``fine_tune_only`` run at its longest budget).
 
 Each at several pruning ratios, training seeds and fine-tuning budgets. Budget 0 (right after pruning, no
 fine-tuning) exists for one-shot methods: the blocks that the script's first stage would drop, ranked on the same
@@ -75,8 +76,8 @@ KD_FT_SUFFIX = "+kdft"
 KD_ARGS = ["--distill_output_weight", "0.5", "--distill_feature_weight", "1.0"]
 PROGRESSIVE = {"entpruner", "entpruner_residual", "ced_fixed"}  # no "right after pruning" point
 # the contenders of issue 13, in table order
-CONTENDERS = ["fine_tune_only", "entpruner", "entpruner_residual", "entpruner_residual+kd", "learned", "learned+kd",
-              "taylor", "taylor+kd", "block_influence", "uniform", "random"]
+CONTENDERS = ["fine_tune_only", "entpruner", "entpruner_residual", "entpruner_residual+kdft", "learned", "taylor",
+              "block_influence", "block_influence+kdft", "uniform", "random"]
 QUICK = dict(ratios=[0.5], seeds=[0], budgets=[0, 100], guidance_scales=[4.0], num_samples=500,
              methods=["fine_tune_only", "entpruner", "ced_one_shot", "random_0", "magnitude"])
 FULL = dict(ratios=[0.5, 0.75], seeds=[0, 1, 2], budgets=[0, 100, 400], guidance_scales=[4.0, 1.5],
@@ -333,17 +334,41 @@ def measure(args):
                 "flops_ratio": 1.0}, base, guidance)
 
     work = os.path.join(args.work_dir, common["model"].replace("/", "--"), model_type)
+
+    def measure_point(method, ratio, seed, budget):
+        """Make the model of one grid point (prune and fine-tune, or prune only at budget 0) and record its rows."""
+        row_ratio = 0.0 if method == "fine_tune_only" else ratio
+        keys = [row_key({**common, "method": method, "ratio": row_ratio, "seed": seed, "budget": budget,
+                         "guidance_scale": g}) for g in args.guidance_scales]
+        if all(k in done for k in keys):
+            return
+        if budget == 0:
+            pipe, kept_out, rank_seconds = pruned_at_step_zero(script, args, method, ratio, seed)
+            info = {"pruned_blocks": kept_out, "ranking_seconds": round(rank_seconds, 2), "train_seconds": 0.0}
+        else:
+            folder = os.path.join(work, f"{method}-r{ratio}-s{seed}-b{budget}")
+            report, seconds = run_script(script, args, method, ratio, seed, budget, folder)
+            pipe = pipeline_class(model_type).from_pretrained(folder)
+            info = {"pruned_blocks": report["pruned_block_indices"],
+                    "stages": [len(s["pruned_blocks"]) for s in report["stages"]], "train_seconds": round(seconds, 1)}
+            if "distillation" in report:
+                info["distillation"] = report["distillation"]
+        info["flops_ratio"] = base_flops / transformer_flops(pipe.transformer)
+        for guidance in args.guidance_scales:
+            record({"method": method, "ratio": row_ratio, "seed": seed, "budget": budget, **info}, pipe, guidance)
+
+    if args.kd_teacher is None and any(m.endswith(KD_FT_SUFFIX) for m in args.methods):
+        # the +kdft teacher: this grid's own unpruned model fine-tuned for the longest budget (first seed), made first
+        ratio, seed, longest = args.ratios[0], args.seeds[0], max(args.budgets)
+        measure_point("fine_tune_only", ratio, seed, longest)
+        args.kd_teacher = os.path.join(work, f"fine_tune_only-r{ratio}-s{seed}-b{longest}")
+        common["kd_teacher"] = args.kd_teacher
     for budget in args.budgets:  # the short budgets first: every method gets a first number early
         for ratio in args.ratios:
             for seed in args.seeds:
                 for method in args.methods:
                     if method == "fine_tune_only" and ratio != args.ratios[0]:
                         continue  # the ceiling does not depend on the ratio
-                    row_ratio = 0.0 if method == "fine_tune_only" else ratio
-                    keys = [row_key({**common, "method": method, "ratio": row_ratio, "seed": seed, "budget": budget,
-                                     "guidance_scale": g}) for g in args.guidance_scales]
-                    if all(k in done for k in keys):
-                        continue
                     if budget == 0:
                         if seed != args.seeds[0] and method != "random":
                             continue  # no training: the model depends on the ranking alone, not the training seed
@@ -351,22 +376,7 @@ def measure(args):
                             continue  # no point "right after pruning" / that is the base, recorded above
                         if "+" in method:
                             continue  # distillation acts in training only: same blocks as without it
-                        pipe, kept_out, rank_seconds = pruned_at_step_zero(script, args, method, ratio, seed)
-                        info = {"pruned_blocks": kept_out, "ranking_seconds": round(rank_seconds, 2),
-                                "train_seconds": 0.0}
-                    else:
-                        folder = os.path.join(work, f"{method}-r{ratio}-s{seed}-b{budget}")
-                        report, seconds = run_script(script, args, method, ratio, seed, budget, folder)
-                        pipe = pipeline_class(model_type).from_pretrained(folder)
-                        info = {"pruned_blocks": report["pruned_block_indices"],
-                                "stages": [len(s["pruned_blocks"]) for s in report["stages"]],
-                                "train_seconds": round(seconds, 1)}
-                        if "distillation" in report:
-                            info["distillation"] = report["distillation"]
-                    info["flops_ratio"] = base_flops / transformer_flops(pipe.transformer)
-                    for guidance in args.guidance_scales:
-                        record({"method": method, "ratio": row_ratio, "seed": seed, "budget": budget, **info},
-                               pipe, guidance)
+                    measure_point(method, ratio, seed, budget)
 
 
 def real_floor(args, evaluate, source: str, base) -> dict:
@@ -617,7 +627,9 @@ def main():
                       help=f"From {sorted(METHODS)}; add +kd to a pruning method for distillation from the source "
                            "model, +kdft for distillation from --kd_teacher.")
     grid.add_argument("--kd_teacher", default=None,
-                      help="The teacher of the +kdft methods: a pipeline folder fine-tuned on the downstream data.")
+                      help="The teacher of the +kdft methods: a pipeline folder fine-tuned on the downstream data. "
+                           "Default: the grid's own fine_tune_only run at its longest budget (first ratio and "
+                           "seed), made before the other runs.")
     grid.add_argument("--results", default=None, help="Default: bench/results/quality-grid.jsonl (quick: "
                                                       "quality-quick.jsonl).")
     grid.add_argument("--work_dir", default=os.path.join(ROOT, "build", "quality"))
@@ -628,7 +640,7 @@ def main():
             setattr(args, name, value)
     for method in args.methods:  # before any heavy work
         try:
-            method_args(method, 0, args.kd_teacher)
+            method_args(method, 0, args.kd_teacher or "the grid's own fine_tune_only run")
         except ValueError as error:
             parser.error(f"--methods: {error}")
     if args.dataset_name is not None and args.train_data_dir is not None:
