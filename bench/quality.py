@@ -551,8 +551,10 @@ def plot(rows, args):
     guidance = max(r["guidance_scale"] for r in rows)
     network = next((r.get("feature_network", "digits") for r in rows if r["method"] != "real"), "digits")
     fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.5), squeeze=False)
+    methods = table_order(rows)
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # one colour per method, in every panel
     for ax, ratio in zip(axes[0], ratios):
-        for method in table_order(rows):
+        for method in methods:
             chosen = [r for r in rows if group_random(r["method"]) == method and r["guidance_scale"] == guidance
                       and (r["ratio"] == ratio or method == "fine_tune_only")]
             if method == "fine_tune_only":  # the unpruned curve starts at the base
@@ -561,7 +563,7 @@ def plot(rows, args):
             if not budgets:
                 continue
             means = [statistics.fmean(r["fid"] for r in chosen if r["budget"] == b) for b in budgets]
-            ax.plot(budgets, means, marker="o", label=method,
+            ax.plot(budgets, means, marker="o", label=method, color=colors[method],
                     linestyle="--" if method == "fine_tune_only" else (":" if "+" in method else "-"))
         for r in rows:
             if r["method"] == "real":
