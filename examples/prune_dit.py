@@ -235,8 +235,8 @@ def parse_args(argv=None):
                        help="Rank the blocks by CED once at the start instead of at every stage.")
     prune.add_argument("--ranking", choices=RANKING_METHODS, default="ced",
                        help="How blocks are ranked at each stage: ced (EntPruner) or a baseline to compare with "
-                            "(random, magnitude, taylor, block_influence, loss, uniform); see `entprune score`. learned "
-                            "(TinyFusion-style: learns which blocks to keep with adapters standing in for the "
+                            "(random, magnitude, taylor, block_influence, loss, uniform); see `entprune score`. "
+                            "learned (TinyFusion-style: learns which blocks to keep with adapters standing in for the "
                             "fine-tuning, see --learned_*) chooses the set for the whole remaining target at once: "
                             "use it with --pruning_mode one_shot.")
     prune.add_argument("--ranking_seed", type=int, default=None,
