@@ -179,16 +179,12 @@ def reference_label_column(args, reference) -> str | None:
     return label_column if label_column in reference.column_names else None
 
 
-def load_feature_network(name, weights):
-    from diffusers_entprune.metrics import load_feature_network as load
-
-    return load(name, weights)
-
-
 class Evaluator:
     """Samples a pipeline and measures it against the reference images (``--reference`` with ``--feature_network``)."""
 
     def __init__(self, args, source: str, num_classes: int):
+        from diffusers_entprune.metrics import load_feature_network
+
         self.args = args
         self.network = load_feature_network(args.feature_network, args.inception_weights).to(device())
         self.reference, self.reference_name = labelled_reference(args, args.reference_split, source, num_classes)

@@ -9,9 +9,9 @@ from diffusers_entprune.objectives import DiffusionObjective
 N = 96
 
 
-def data(batch_size=16, n=N, seed=0):
+def data(batch_size=16, n=N, seed=0, num_classes=4):
     g = torch.Generator().manual_seed(seed)
-    latents, labels = torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+    latents, labels = torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, num_classes, (n,), generator=g)
     return [(latents[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 

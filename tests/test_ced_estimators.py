@@ -6,35 +6,15 @@ import math
 import pytest
 import torch
 from conftest import make_scheduler, make_tiny_dit
+from test_ced import N, data, model, objective, relative
 
 from diffusers_entprune.importance import CEDOptions, CEDResult, GaussianEntropyAccumulator, compute_ced
 from diffusers_entprune.importance.ced import CED_PRESETS, RESIDUAL_FLOOR
 from diffusers_entprune.importance.draws import fixed_draws
-from diffusers_entprune.models import EntPrunedTransformer2DModel
-from diffusers_entprune.objectives import DiffusionObjective, FlowObjective
+from diffusers_entprune.objectives import FlowObjective
 
-N = 96
 TWO_PI_E = 2 * math.pi * math.e
 ESTIMATORS = ("entropy", "residual", "kl", "w2")
-
-
-def data(batch_size=16, n=N, seed=0, num_classes=4):
-    g = torch.Generator().manual_seed(seed)
-    latents, labels = torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, num_classes, (n,), generator=g)
-    return [(latents[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, n, batch_size)]
-
-
-def model():
-    return EntPrunedTransformer2DModel.from_transformer(make_tiny_dit()).eval()
-
-
-def objective():
-    return DiffusionObjective.from_scheduler(make_scheduler())
-
-
-def relative(a, b):
-    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def two_variants(full, skipped, classes, variance="channel", buckets=None, num_buckets=None, num_classes=None):

@@ -303,26 +303,13 @@ def test_score_command_with_learned(tmp_path, source_pipeline):  # noqa: F811
 
 
 def test_two_gloo_processes_decide_like_one(tmp_path, source_pipeline):  # noqa: F811
-    import shutil
-    import subprocess
-    import sys
+    from test_multiprocess import score_in_one_and_two_processes
 
-    from diffusers_entprune.cli import main
     from diffusers_entprune.embedded import DIGITS_DIR
 
     common = ["score", "--pretrained_model_name_or_path", source_pipeline, "--method", "learned", "--num_prune", "3",
               "--learned_steps", "3", "--num_samples", "40", "--batch_size", "12",
               "--train_data_dir", os.path.join(DIGITS_DIR, "downstream")]
-    assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    entprune = shutil.which("entprune", path=os.path.dirname(sys.executable))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", entprune, *common,
-                             "--output_dir", str(tmp_path / "two")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one = json.load(open(tmp_path / "one" / "scores.json"))
-    two = json.load(open(tmp_path / "two" / "scores.json"))
+    one, two = score_in_one_and_two_processes(tmp_path, common)
     assert two["num_processes"] == 2 and two["ranking"] == one["ranking"]
     assert two["scores"] == pytest.approx(one["scores"], rel=1e-5)

@@ -13,10 +13,9 @@ from diffusers_entprune.cli import main
 from diffusers_entprune.embedded import DIGITS_DIR
 
 
-@pytest.mark.parametrize("method", ["ced", "loss"])
-def test_two_processes_score_like_one(tmp_path, source_pipeline, method):  # noqa: F811
-    common = ["score", "--pretrained_model_name_or_path", source_pipeline, "--method", method,
-              "--num_samples", "40", "--batch_size", "12", "--train_data_dir", os.path.join(DIGITS_DIR, "downstream")]
+def score_in_one_and_two_processes(tmp_path, common: list[str]) -> tuple[dict, dict]:
+    """`entprune score` with the arguments ``common``, in this process and under a 2-process gloo launch; the two
+    scores.json."""
     assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     entprune = shutil.which("entprune", path=os.path.dirname(sys.executable))
@@ -26,8 +25,14 @@ def test_two_processes_score_like_one(tmp_path, source_pipeline, method):  # noq
                              "--output_dir", str(tmp_path / "two")],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = json.load(open(tmp_path / "one" / "scores.json"))
-    two = json.load(open(tmp_path / "two" / "scores.json"))
+    return json.load(open(tmp_path / "one" / "scores.json")), json.load(open(tmp_path / "two" / "scores.json"))
+
+
+@pytest.mark.parametrize("method", ["ced", "loss"])
+def test_two_processes_score_like_one(tmp_path, source_pipeline, method):  # noqa: F811
+    common = ["score", "--pretrained_model_name_or_path", source_pipeline, "--method", method,
+              "--num_samples", "40", "--batch_size", "12", "--train_data_dir", os.path.join(DIGITS_DIR, "downstream")]
+    one, two = score_in_one_and_two_processes(tmp_path, common)
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     assert two["num_samples"] == one["num_samples"] == 40
     # float32 forwards of differently composed batches round differently; loss ablation is a small difference
