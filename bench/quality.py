@@ -34,9 +34,6 @@ skipped). ``--report`` turns the file into the markdown tables and figures of be
 """
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import shlex
@@ -48,7 +45,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+SCRIPT = os.path.join(ROOT, "examples", "prune_dit.py")  # run as a user runs it, never imported
 
 METHODS = {  # name -> arguments of examples/prune_dit.py; {seed} is the training seed
     "fine_tune_only": ["--fine_tune_only"],
@@ -106,17 +103,81 @@ def method_args(method: str, seed: int, kd_teacher: str | None = None) -> list[s
     return [a.format(seed=seed) for a in METHODS[base]] + extra
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("prune_dit", os.path.join(ROOT, "examples", "prune_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_prune_dit(argv: list[str], num_processes: int = 1) -> None:
+    """Run examples/prune_dit.py with ``argv`` as a user does: ``python examples/prune_dit.py ...``, or
+    ``accelerate launch --num_processes N examples/prune_dit.py ...`` for N > 1; its output is captured, and the end
+    of its stderr shown if it fails."""
+    command = [sys.executable, SCRIPT, *argv] if num_processes <= 1 else \
+        ["accelerate", "launch", "--num_processes", str(num_processes), SCRIPT, *argv]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed (exit status {completed.returncode}):\n"
+                           f"{completed.stderr[-4000:]}")
 
 
-def reset_accelerate():
-    from accelerate.state import AcceleratorState
+def script_settings(argv: list[str]):
+    """The model, data and pruning settings that examples/prune_dit.py takes from ``argv``: its model and data flags
+    (with its defaults) and its `EntPrunerConfig`, built as the script builds it (`add_config_arguments`,
+    `config_from_args`: the script's pruning flags, --seed included, are the config's fields). Its other flags are
+    ignored. Returns (namespace, config)."""
+    from diffusers_entprune.config import add_config_arguments, config_from_args
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    parser = argparse.ArgumentParser(prog=SCRIPT, allow_abbrev=False)
+    for name in ("pretrained_model_name_or_path", "model_type", "revision", "dataset_name", "dataset_config_name",
+                 "train_data_dir", "class_mapping_file"):
+        parser.add_argument(f"--{name}", default=None)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--skip_bad_images", action="store_true")
+    add_config_arguments(parser)
+    settings, _ = parser.parse_known_args(argv)
+    return settings, config_from_args(settings, error=parser.error)
+
+
+@torch.no_grad()
+def base_and_pool(settings, config, to_device: bool = True):
+    """The source model of ``settings`` (`script_settings`), its pipeline and objective, and the calibration pool
+    (latents, labels) that examples/prune_dit.py ranks on: the VAE means of the first
+    ``config.calibration_pool_size`` training images, encoded in batches of ``config.ced_batch_size``
+    (`data.calibration_batches`) and repeated when the data is shorter, as `EntPruner.calibration_pool` does."""
+    from diffusers_entprune.data import (
+        calibration_batches,
+        check_columns,
+        load_dataset_or_embedded,
+        prepare_labels,
+        repeat_batches,
+        vae_scale_factor,
+    )
+    from diffusers_entprune.export import load_id2label
+    from diffusers_entprune.model_types import objective_for, pipeline_class, resolve_source
+    from diffusers_entprune.models import EntPrunedTransformer2DModel
+
+    model_type, source, _ = resolve_source(settings.pretrained_model_name_or_path, settings.model_type,
+                                           settings.revision)
+    transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer",
+                                                              revision=settings.revision).eval()
+    pipe = pipeline_class(model_type).from_pretrained(source, transformer=transformer, revision=settings.revision)
+    if to_device:
+        pipe = pipe.to(device())
+    objective = objective_for(model_type, transformer.config, pipe.scheduler)
+    dataset, name = load_dataset_or_embedded(settings.dataset_name, settings.train_data_dir, settings.split,
+                                             settings.dataset_config_name)
+    num_classes = transformer.config.num_embeds_ada_norm
+    check_columns(dataset, settings.image_column, settings.label_column, num_classes)
+    if settings.max_train_samples is not None:
+        dataset = dataset.select(range(min(settings.max_train_samples, len(dataset))))
+    dataset, _ = prepare_labels(dataset, settings.label_column, num_classes,
+                                load_id2label(source, revision=settings.revision), settings.class_mapping_file,
+                                repr(name))
+    resolution = transformer.config.sample_size * vae_scale_factor(pipe.vae)
+    needed = config.calibration_pool_size
+    batches = list(repeat_batches(calibration_batches(
+        dataset, pipe.vae, resolution, needed, config.ced_batch_size, settings.image_column, settings.label_column,
+        num_classes, skip_bad_images=settings.skip_bad_images), needed))
+    pool = torch.cat([b[0] for b in batches])[:needed], torch.cat([b[1] for b in batches])[:needed]
+    return model_type, pipe, objective, pool
 
 
 def row_key(row: dict) -> tuple:
@@ -207,50 +268,28 @@ class Evaluator:
 
 
 @torch.no_grad()
-def pruned_at_step_zero(script, args, method: str, ratio: float, seed: int):
+def pruned_at_step_zero(args, method: str, ratio: float, seed: int):
     """The base with the blocks that the script's first (one-shot) stage drops, ranked on the same pool; and the
     seconds the ranking took."""
-    from diffusers_entprune.data import check_columns, load_dataset_or_embedded, prepare_labels, vae_scale_factor
-    from diffusers_entprune.export import load_id2label
-    from diffusers_entprune.importance import CEDOptions, score_blocks
-    from diffusers_entprune.model_types import objective_for, pipeline_class
-    from diffusers_entprune.models import EntPrunedTransformer2DModel
+    from diffusers_entprune.importance import score_blocks
 
-    script_args = script.parse_args([*data_args(args), "--seed", str(seed), "--target_prune_ratio", str(ratio),
-                                     *method_args(method, seed, args.kd_teacher), *user_args(args)])
-    script.resolve_model_type(script_args)
-    source = script_args.source
-    transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer").eval()
-    pipe = pipeline_class(script_args.model_type).from_pretrained(source, transformer=transformer).to(device())
-    objective = objective_for(script_args.model_type, transformer.config, pipe.scheduler)
-    dataset, name = load_dataset_or_embedded(script_args.dataset_name, script_args.train_data_dir, script_args.split,
-                                             script_args.dataset_config_name)
-    num_classes = transformer.config.num_embeds_ada_norm
-    check_columns(dataset, script_args.image_column, script_args.label_column, num_classes)
-    dataset, _ = prepare_labels(dataset, script_args.label_column, num_classes, load_id2label(source),
-                                script_args.class_mapping_file, repr(name))
-    resolution = transformer.config.sample_size * vae_scale_factor(pipe.vae)
-    latents, labels = script.build_ced_pool(dataset, pipe.vae, resolution, script_args, num_classes)
-    num_to_prune = round(ratio * transformer.original_num_layers)
-    options = {k: getattr(script_args, f"ced_{k}") for k in ("variance", "estimator", "signal")
-               if hasattr(script_args, f"ced_{k}")}
-    from diffusers_entprune.importance.learned import learned_options_from_args
-
-    learned_options = learned_options_from_args(script_args, script_args.ranking, "--ranking")  # as the script does
+    settings, config = script_settings([*data_args(args), "--seed", str(seed), "--target_prune_ratio", str(ratio),
+                                        *method_args(method, seed, args.kd_teacher), *user_args(args)])
+    _, pipe, objective, (latents, labels) = base_and_pool(settings, config)
+    transformer = pipe.transformer
+    num_to_prune = config.num_blocks_to_prune(transformer)
     start = time.perf_counter()
     with torch.enable_grad():  # taylor and learned need gradients
-        result = score_blocks(script_args.ranking, transformer, objective,
-                              list(zip(latents.split(script_args.ced_batch_size),
-                                       labels.split(script_args.ced_batch_size))),
-                              script_args.ced_num_samples, seed=script_args.ranking_seed,
-                              ced_options=CEDOptions(**options), num_to_prune=num_to_prune,
-                              learned_options=learned_options)
+        result = score_blocks(config.ranking, transformer, objective,
+                              list(zip(latents.split(config.ced_batch_size), labels.split(config.ced_batch_size))),
+                              config.ced_num_samples, seed=config.ranking_seed, ced_options=config.ced_options,
+                              num_to_prune=num_to_prune, learned_options=config.learned_options)
     seconds = time.perf_counter() - start
     transformer.prune_blocks(result.ranking[:num_to_prune])
     return pipe, sorted(result.ranking[:num_to_prune]), seconds
 
 
-def run_script(script, args, method: str, ratio: float, seed: int, budget: int, output_dir: str):
+def run_script(args, method: str, ratio: float, seed: int, budget: int, output_dir: str):
     argv = [*data_args(args), "--seed", str(seed), "--max_train_steps", str(budget), "--output_dir", output_dir,
             "--overwrite_output_dir", "--resume_from_checkpoint", "latest",  # a stopped run continues
             "--validation_steps", "0", "--speed_batch_size", "0",
@@ -259,17 +298,7 @@ def run_script(script, args, method: str, ratio: float, seed: int, budget: int, 
         argv += ["--target_prune_ratio", str(ratio)]
     argv += user_args(args)
     start = time.perf_counter()
-    if args.num_processes > 1:  # one `accelerate launch` per run, as a user would
-        command = ["accelerate", "launch", "--num_processes", str(args.num_processes),
-                   os.path.join(ROOT, "examples", "prune_dit.py"), *argv]
-        completed = subprocess.run(command, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise RuntimeError(f"{shlex.join(command)} failed:\n{completed.stderr[-4000:]}")
-    else:
-        reset_accelerate()
-        with contextlib.redirect_stderr(io.StringIO()):  # the script's progress bars and logs
-            script.main(argv)
-        reset_accelerate()
+    run_prune_dit(argv, args.num_processes)  # a subprocess, as a user runs it
     seconds = time.perf_counter() - start
     with open(os.path.join(output_dir, "entprune_report.json")) as f:
         report = json.load(f)
@@ -292,7 +321,6 @@ def measure(args):
     from diffusers_entprune.model_types import pipeline_class, resolve_source
     from diffusers_entprune.speed import transformer_flops
 
-    script = load_script()
     done = {row_key(r) for r in read_rows(args.results)}
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type)
     base = pipeline_class(model_type).from_pretrained(source)
@@ -339,11 +367,11 @@ def measure(args):
         if all(k in done for k in keys):
             return
         if budget == 0:
-            pipe, kept_out, rank_seconds = pruned_at_step_zero(script, args, method, ratio, seed)
+            pipe, kept_out, rank_seconds = pruned_at_step_zero(args, method, ratio, seed)
             info = {"pruned_blocks": kept_out, "ranking_seconds": round(rank_seconds, 2), "train_seconds": 0.0}
         else:
             folder = os.path.join(work, f"{method}-r{ratio}-s{seed}-b{budget}")
-            report, seconds = run_script(script, args, method, ratio, seed, budget, folder)
+            report, seconds = run_script(args, method, ratio, seed, budget, folder)
             pipe = pipeline_class(model_type).from_pretrained(folder)
             info = {"pruned_blocks": report["pruned_block_indices"],
                     "stages": [len(s["pruned_blocks"]) for s in report["stages"]], "train_seconds": round(seconds, 1)}

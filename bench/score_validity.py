@@ -26,6 +26,7 @@ Results go to bench/results/score_validity[-quick]-MODEL.json (``--results``) an
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -35,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import ROOT, Evaluator, load_script, reset_accelerate  # noqa: E402
+from quality import ROOT, Evaluator, base_and_pool, run_prune_dit, script_settings  # noqa: E402
 
 # name -> (ranking method, CEDOptions overrides); the set-choosing rankings score for a 50% target
 SCORE_VARIANTS = {
@@ -79,57 +80,48 @@ def spearman(x, y) -> float:
     return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def prune_and_fine_tune(script, model_type: str, blocks: list[int], steps: int, seed: int, work: str):
+def prune_and_fine_tune(model_type: str, blocks: list[int], steps: int, seed: int, work: str):
     """The embedded base without ``blocks`` (original indices), fine-tuned ``steps`` steps; its pipeline."""
     from diffusers_entprune.cli import main as entprune
     from diffusers_entprune.model_types import pipeline_class
 
     name = "-".join(map(str, blocks)) or "none"
     pruned, tuned = os.path.join(work, f"pruned-{name}"), os.path.join(work, f"tuned-{name}-s{seed}")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        if blocks:
+    if blocks:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             entprune(["prune", "--model_type", model_type, "--prune_blocks", *map(str, blocks),
                       "--num_samples_per_row", "0", "--output_dir", pruned, "--overwrite_output_dir"])
-        source = pruned if blocks else None
-        argv = ["--fine_tune_only", "--max_train_steps", str(steps), "--seed", str(seed), "--output_dir", tuned,
-                "--overwrite_output_dir", "--validation_steps", "0", "--speed_batch_size", "0",
-                "--checkpointing_steps", str(10 * steps), "--learning_rate", "1e-3"]
-        argv += ["--pretrained_model_name_or_path", source] if source else ["--model_type", model_type]
-        reset_accelerate()
-        script.main(argv)
-        reset_accelerate()
+    source = pruned if blocks else None
+    argv = ["--fine_tune_only", "--max_train_steps", str(steps), "--seed", str(seed), "--output_dir", tuned,
+            "--overwrite_output_dir", "--validation_steps", "0", "--speed_batch_size", "0",
+            "--checkpointing_steps", str(10 * steps), "--learning_rate", "1e-3"]
+    argv += ["--pretrained_model_name_or_path", source] if source else ["--model_type", model_type]
+    run_prune_dit(argv)  # a subprocess, as a user runs it
     return pipeline_class(model_type).from_pretrained(tuned)
 
 
 @torch.no_grad()
-def base_scores_and_pool(script, model_type: str, seed: int):
-    """Every ranking's scores on the base (and the seconds each took), the base itself, its objective and the
-    script's fixed pool."""
-    from diffusers_entprune.data import vae_scale_factor
-    from diffusers_entprune.embedded import load_digits_dataset
-    from diffusers_entprune.importance import CEDOptions, score_blocks
-    from diffusers_entprune.model_types import objective_for, pipeline_class, resolve_source
-    from diffusers_entprune.models import EntPrunedTransformer2DModel
+def base_scores_and_pool(model_type: str, seed: int):
+    """Every ranking's scores on the base (and the seconds each took), the base itself, its objective, the fixed
+    pool of examples/prune_dit.py run with ``--model_type model_type --seed seed``, and that run's
+    `EntPrunerConfig`."""
+    from diffusers_entprune.importance import score_blocks
 
-    args = script.parse_args(["--model_type", model_type, "--seed", str(seed)])
-    _, source, _ = resolve_source(None, model_type)
-    transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer").eval()
-    pipe = pipeline_class(model_type).from_pretrained(source, transformer=transformer)
-    objective = objective_for(model_type, transformer.config, pipe.scheduler)
-    resolution = transformer.config.sample_size * vae_scale_factor(pipe.vae)
-    latents, labels = script.build_ced_pool(load_digits_dataset("downstream", split="train"), pipe.vae, resolution,
-                                            args, transformer.config.num_embeds_ada_norm)
-    pool = list(zip(latents.split(args.ced_batch_size), labels.split(args.ced_batch_size)))
+    settings, config = script_settings(["--model_type", model_type, "--seed", str(seed)])
+    _, pipe, objective, (latents, labels) = base_and_pool(settings, config, to_device=False)
+    transformer = pipe.transformer
+    pool = list(zip(latents.split(config.ced_batch_size), labels.split(config.ced_batch_size)))
     scores, seconds = {}, {}
     for name, (method, options) in SCORE_VARIANTS.items():
+        variant = dataclasses.replace(config, ranking=method, **{f"ced_{k}": v for k, v in options.items()})
         start = time.perf_counter()
         with torch.enable_grad():
-            result = score_blocks(method, transformer, objective, pool, args.ced_num_samples, seed=seed,
-                                  ced_options=CEDOptions(variance=args.ced_variance, **options),
-                                  num_to_prune=transformer.num_blocks // 2)
+            result = score_blocks(variant.ranking, transformer, objective, pool, variant.ced_num_samples,
+                                  seed=variant.ranking_seed, ced_options=variant.ced_options,
+                                  num_to_prune=transformer.num_blocks // 2, learned_options=variant.learned_options)
         seconds[name] = round(time.perf_counter() - start, 2)
         scores[name] = dict(zip(result.block_indices, result.scores))
-    return scores, seconds, transformer, objective, (latents, labels), args
+    return scores, seconds, transformer, objective, (latents, labels), config
 
 
 def embedded_evaluator(args, model_type: str, num_classes: int):
@@ -167,16 +159,15 @@ def main():
     args.num_samples = args.num_samples or (300 if args.quick else 1000)
     args.candidate_drops = args.candidate_drops or ([0, 2, 4] if args.quick else [0, 1, 2, 3, 4, 6])
     started = time.time()
-    script = load_script()
     work = os.path.join(ROOT, "build", "score_validity", args.model_type)
-    scores, score_seconds, base, objective, (latents, labels), script_args = base_scores_and_pool(
-        script, args.model_type, args.seeds[0])
+    scores, score_seconds, base, objective, (latents, labels), config = base_scores_and_pool(
+        args.model_type, args.seeds[0])
     evaluate = embedded_evaluator(args, args.model_type, base.config.num_embeds_ada_norm)
     num_layers = base.original_num_layers
     guidance = args.guidance_scales[0]
 
     def quality(blocks, seed):
-        pipe = prune_and_fine_tune(script, args.model_type, blocks, args.steps, seed, work)
+        pipe = prune_and_fine_tune(args.model_type, blocks, args.steps, seed, work)
         return evaluate(pipe, guidance)
 
     # 1. rankings against the measured cost of removing each block, once per training seed
@@ -244,11 +235,11 @@ def main():
         for m in args.candidate_drops:
             for _ in range(args.random_candidates if m else 0):
                 candidates.append(sorted(torch.randperm(num_layers, generator=generator)[:m].tolist()))
-        b = script_args.proxy_batch_size
+        b = config.proxy_batch_size
         zico_batches = [(latents[b * (i + 1): b * (i + 2)], labels[b * (i + 1): b * (i + 2)])
-                        for i in range(script_args.zico_num_batches)]
+                        for i in range(config.zico_num_batches)]
         proxies = score_candidates(base, objective, candidates, (latents[:b], labels[:b]), zico_batches,
-                                   seed=seed, zico_reduction=script_args.zico_reduction)
+                                   seed=seed, zico_reduction=config.zico_reduction)
         combined = combine_proxies([p.ntk_condition_number for p in proxies], [p.zico for p in proxies])
         measured = [quality(c, seed) for c in candidates]
         fids = [m["fid"] for m in measured]

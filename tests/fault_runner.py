@@ -18,7 +18,6 @@ With FAULT_RANK set (several processes), only the process of that RANK is hit.
 """
 
 import errno
-import importlib.util
 import os
 import signal
 import sys
@@ -26,13 +25,13 @@ import sys
 import accelerate
 import accelerate.optimizer
 import torch
+from script_runner import run_prune_script
+
+import diffusers_entprune.output_dir as output_dir
+import diffusers_entprune.pruner as pruner
 
 point, count = sys.argv[1], int(sys.argv[2])
 argv = sys.argv[sys.argv.index("--") + 1:]
-spec = importlib.util.spec_from_file_location(
-    "prune_dit", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "prune_dit.py"))
-prune_dit = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prune_dit)
 calls = 0
 
 
@@ -76,7 +75,8 @@ def torch_write_fail(*args, **kwargs):
 
 
 class KillingOs:
-    """The script's `os`, except that moving a pipeline part into the output folder may be the last thing it does."""
+    """`os` for diffusers_entprune.output_dir, except that moving a pipeline part into the output folder may be the
+    last thing it does."""
 
     def __getattr__(self, name):
         return getattr(os, name)
@@ -96,14 +96,14 @@ if point == "mid_step":
 elif point == "mid_checkpoint":
     accelerate.Accelerator.save_state = kill_after_call(accelerate.Accelerator.save_state)
 elif point == "after_stage":
-    prune_dit.prune_training_state = kill_after_call(prune_dit.prune_training_state,
-                                                     when=lambda model, blocks, *a, **k: len(blocks) > 0)
+    pruner.prune_training_state = kill_after_call(pruner.prune_training_state,
+                                                  when=lambda model, blocks, *a, **k: len(blocks) > 0)
 elif point == "during_export":
-    prune_dit.os = KillingOs()
+    output_dir.os = KillingOs()  # the export moves the pipeline's parts in with output_dir.move_into
 elif point == "sigterm_mid_step":
     accelerate.Accelerator.backward = kill_after_call(accelerate.Accelerator.backward, fault=sigterm)
 elif point == "sigterm_in_stage":
-    prune_dit.score_candidates = kill_after_call(prune_dit.score_candidates, fault=sigterm)
+    pruner.score_candidates = kill_after_call(pruner.score_candidates, fault=sigterm)
 elif point == "inf_update":
     accelerate.optimizer.AcceleratedOptimizer.step = kill_after_call(accelerate.optimizer.AcceleratedOptimizer.step,
                                                                      fault=write_inf)
@@ -111,4 +111,4 @@ elif point in ("disk_full", "torch_write_fail"):
     accelerate.Accelerator.save_state = kill_after_call(accelerate.Accelerator.save_state, fault=globals()[point])
 elif point != "none":
     raise SystemExit(f"unknown fault point {point!r}")
-prune_dit.main(argv)
+run_prune_script(argv)

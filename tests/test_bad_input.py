@@ -1,6 +1,6 @@
 """Bad input, table-driven: every case must fail fast, name the offending argument, and leave no files behind.
 
-One table (`CASES`) covers the pruning script (`examples/prune_dit.py`'s ``main(argv)``, on the tiny setup of
+One table (`CASES`) covers the pruning script (`examples/prune_dit.py` through its command line, on the tiny setup of
 `tests/test_prune_dit_script.py`), the ``entprune`` command line and the Python API. Each case gets a fresh folder
 whose ``out`` is its output_dir; the test checks that
 
@@ -29,7 +29,7 @@ import torch
 from conftest import make_scheduler, make_tiny_dit, make_tiny_vae
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
-from test_prune_dit_script import DOWNSTREAM, fresh_accelerator_state, prune_dit, tiny_args  # noqa: F401
+from test_prune_dit_script import DOWNSTREAM, fresh_accelerator_state, run_prune_script, tiny_args  # noqa: F401
 
 from diffusers_entprune import cli
 from diffusers_entprune.controller import AdaptivePruningController, decision_steps, resolve_target
@@ -60,14 +60,19 @@ def guard_heavy_work(monkeypatch):
     """Ranking, proxies, checkpoints, validation, export and sampling raise `HeavyWorkStarted`."""
     import diffusers
 
+    import diffusers_entprune
     import diffusers_entprune.evaluation as evaluation
     import diffusers_entprune.export as export
     import diffusers_entprune.importance as importance
+    import diffusers_entprune.pruner as pruner
+    from diffusers_entprune.checkpoints import RunCheckpoints
 
-    for name in ("score_blocks", "score_candidates", "save_checkpoint", "log_validation", "export"):
-        monkeypatch.setattr(prune_dit, name, tripwire(f"prune_dit.{name}"))
+    for name in ("score_blocks", "score_candidates"):  # EntPruner's stage: ranking and proxies
+        monkeypatch.setattr(pruner, name, tripwire(f"EntPruner's {name}"))
+    monkeypatch.setattr(RunCheckpoints, "save", tripwire("RunCheckpoints.save"))
     monkeypatch.setattr(importance, "score_blocks", tripwire("score_blocks"))
     monkeypatch.setattr(export, "save_pruned_pipeline", tripwire("save_pruned_pipeline"))
+    monkeypatch.setattr(diffusers_entprune, "save_pruned_pipeline", tripwire("save_pruned_pipeline"))
     monkeypatch.setattr(evaluation, "generate_images", tripwire("evaluation.generate_images"))
     monkeypatch.setattr(diffusers.DiTPipeline, "__call__", tripwire("DiTPipeline sampling"))
     monkeypatch.setattr(SiTPipeline, "__call__", tripwire("SiTPipeline sampling"))
@@ -163,7 +168,7 @@ def script(*extra, data=None):
         if data is not None:
             at = argv.index("--train_data_dir")
             argv[at: at + 2] = [] if data is False else ["--train_data_dir", c[data]]
-        prune_dit.main(argv)
+        run_prune_script(argv)
     return run
 
 
@@ -217,56 +222,56 @@ CONVERT = ("convert", "--output_dir", "{out}")
 
 CASES = [
     # ---- the script's numbers: types and ranges
-    Case("script-learning-rate-zero", S, script("--learning_rate", "0"), E, r"--learning_rate must be > 0, got 0"),
-    Case("script-learning-rate-nan", S, script("--learning_rate", "nan"), E, r"--learning_rate must be > 0, got nan"),
+    Case("script-learning-rate-zero", S, script("--learning_rate", "0"), E, r"--learning_rate: must be > 0, got 0"),
+    Case("script-learning-rate-nan", S, script("--learning_rate", "nan"), E, r"--learning_rate: must be > 0, got nan"),
     Case("script-learning-rate-not-a-number", S, script("--learning_rate", "fast"), E,
          r"argument --learning_rate: invalid float value: 'fast'"),
-    Case("script-batch-size-zero", S, script("--train_batch_size", "0"), E, r"--train_batch_size must be >= 1"),
+    Case("script-batch-size-zero", S, script("--train_batch_size", "0"), E, r"--train_batch_size: must be >= 1"),
     Case("script-batch-size-float", S, script("--train_batch_size", "2.5"), E,
          r"argument --train_batch_size: invalid int value: '2.5'"),
     Case("script-max-train-steps-negative", S, script("--max_train_steps", "-5"), E,
-         r"--max_train_steps must be >= 1, got -5"),
+         r"--max_train_steps: must be >= 1, got -5"),
     Case("script-gradient-accumulation-zero", S, script("--gradient_accumulation_steps", "0"), E,
-         r"--gradient_accumulation_steps must be >= 1"),
-    Case("script-lr-warmup-negative", S, script("--lr_warmup_steps", "-1"), E, r"--lr_warmup_steps must be >= 0"),
+         r"--gradient_accumulation_steps: must be >= 1"),
+    Case("script-lr-warmup-negative", S, script("--lr_warmup_steps", "-1"), E, r"--lr_warmup_steps: must be >= 0"),
     Case("script-lr-scheduler-unknown", S, script("--lr_scheduler", "exponential"), E,
          r"--lr_scheduler 'exponential' is not a diffusers schedule; choose one of \[.*'cosine'"),
-    Case("script-adam-beta1-above-one", S, script("--adam_beta1", "1.5"), E, r"--adam_beta1 must lie in \[0, 1\)"),
-    Case("script-adam-beta2-one", S, script("--adam_beta2", "1"), E, r"--adam_beta2 must lie in \[0, 1\)"),
-    Case("script-adam-epsilon-zero", S, script("--adam_epsilon", "0"), E, r"--adam_epsilon must be > 0"),
+    Case("script-adam-beta1-above-one", S, script("--adam_beta1", "1.5"), E, r"--adam_beta1: must lie in \[0, 1\)"),
+    Case("script-adam-beta2-one", S, script("--adam_beta2", "1"), E, r"--adam_beta2: must lie in \[0, 1\)"),
+    Case("script-adam-epsilon-zero", S, script("--adam_epsilon", "0"), E, r"--adam_epsilon: must be > 0"),
     Case("script-weight-decay-negative", S, script("--adam_weight_decay", "-0.1"), E,
-         r"--adam_weight_decay must be >= 0"),
+         r"--adam_weight_decay: must be >= 0"),
     Case("script-max-grad-norm-negative", S, script("--max_grad_norm", "-1"), E,
-         r"--max_grad_norm must be >= 0 \(0: no gradient clipping\)"),
+         r"--max_grad_norm: must be >= 0 \(0: no gradient clipping\)"),
     Case("script-ema-decay-above-one", S, script("--use_ema", "--ema_decay", "1.5"), E,
-         r"--ema_decay must lie in \[0, 1\), got 1.5"),
+         r"--ema_decay: must lie in \[0, 1\), got 1.5"),
     Case("script-class-dropout-one", S, script("--class_dropout_prob", "1"), E,
-         r"--class_dropout_prob must lie in \[0, 1\)"),
+         r"--class_dropout_prob: must lie in \[0, 1\)"),
     Case("script-guidance-negative", S, script("--guidance_scale", "-2"), E,
-         r"--guidance_scale must be >= 0 \(<= 1: no classifier-free guidance\)"),
+         r"--guidance_scale: must be >= 0 \(<= 1: no guidance\)"),
     Case("script-inference-steps-zero", S, script("--num_inference_steps", "0"), E,
-         r"--num_inference_steps must be >= 1"),
+         r"--num_inference_steps: must be >= 1"),
     Case("script-seed-negative", S, script("--seed", "-1"), E, r"--seed must lie in \[0, 2\*\*32\), got -1"),
-    Case("script-resolution-zero", S, script("--resolution", "0"), E, r"--resolution must be >= 1"),
+    Case("script-resolution-zero", S, script("--resolution", "0"), E, r"--resolution: must be >= 1"),
     Case("script-resolution-mismatch", S, script("--resolution", "64"), ValueError,
          r"--resolution`=64 does not match the model.*16 px\. Drop `--resolution`"),
     Case("script-max-train-samples-zero", S, script("--max_train_samples", "0"), E,
-         r"--max_train_samples must be >= 1"),
+         r"--max_train_samples: must be >= 1"),
     Case("script-shuffle-buffer-zero", S, script("--shuffle_buffer_size", "0"), E,
-         r"--shuffle_buffer_size must be >= 1"),
+         r"--shuffle_buffer_size: must be >= 1"),
     Case("script-dataloader-workers-negative", S, script("--dataloader_num_workers", "-1"), E,
-         r"--dataloader_num_workers must be >= 0"),
-    Case("script-lora-rank-zero", S, script("--use_lora", "--lora_rank", "0"), E, r"--lora_rank must be >= 1"),
+         r"--dataloader_num_workers: must be >= 0"),
+    Case("script-lora-rank-zero", S, script("--use_lora", "--lora_rank", "0"), E, r"--lora_rank: must be >= 1"),
     Case("script-checkpointing-steps-zero", S, script("--checkpointing_steps", "0"), E,
-         r"--checkpointing_steps must be >= 1"),
+         r"--checkpointing_steps: must be >= 1"),
     Case("script-checkpoints-limit-zero", S, script("--checkpoints_total_limit", "0"), E,
-         r"--checkpoints_total_limit must be >= 1"),
+         r"--checkpoints_total_limit: must be >= 1"),
     Case("script-validation-steps-negative", S, script("--validation_steps", "-1"), E,
-         r"--validation_steps must be >= 0 \(0: no validation grids\)"),
+         r"--validation_steps: must be >= 0 \(0: no validation grids\)"),
     Case("script-validation-labels-outside", S, script("--validation_class_labels", "0", "1000"), ValueError,
          r"--validation_class_labels` \[1000\] are not classes of the model.*0\.\.999"),
     Case("script-speed-batch-negative", S, script("--speed_batch_size", "-1"), E,
-         r"--speed_batch_size must be >= 0 \(0: no speed comparison\)"),
+         r"--speed_batch_size: must be >= 0 \(0: no speed comparison\)"),
     # ---- the script's pruning target and schedule
     Case("script-prune-ratio-above-one", S, script("--target_prune_ratio", "1.5"), E,
          r"--target_prune_ratio .* strictly between 0 and 1, got 1.5; use --target_num_blocks"),
@@ -281,6 +286,9 @@ CASES = [
     Case("script-pruning-steps-zero", S, script("--pruning_steps", "0"), E, r"--pruning_steps must be >= 1"),
     Case("script-pruning-steps-beyond-training", S, script("--pruning_steps", "20"), E,
          r"--pruning_steps 20 exceeds --max_train_steps 12"),
+    Case("script-fewer-pruning-steps-than-stages", S, script("--fine_tune_only", "--pruning_steps", "2",
+                                                             "--pruning_stages", "4"), E,
+         r"--pruning_steps=2 is shorter than --pruning_stages=4: each stage needs at least one training step"),
     Case("script-ced-samples-one", S, script("--ced_num_samples", "1"), E, r"--ced_num_samples must be >= 2"),
     Case("script-proxy-batch-one", S, script("--proxy_batch_size", "1"), E,
          r"--proxy_batch_size must be >= 2 \(the NTK of one sample"),
@@ -381,15 +389,15 @@ CASES = [
          command("prune", "--prune_blocks", "1", "--output_dir", "{tmp}/blocker/out"), ValueError,
          r"`--output_dir`=.*blocker' is a file, so no folder can be made under it", prepare=write_blocker),
     # ---- entprune score
-    Case("cli-score-one-sample", C, command(*SCORE, "--num_samples", "1"), E, r"--num_samples must be >= 2"),
-    Case("cli-score-batch-size-zero", C, command(*SCORE, "--batch_size", "0"), E, r"--batch_size must be >= 1"),
+    Case("cli-score-one-sample", C, command(*SCORE, "--num_samples", "1"), E, r"--ced_num_samples must be >= 2"),
+    Case("cli-score-batch-size-zero", C, command(*SCORE, "--batch_size", "0"), E, r"--ced_batch_size must be >= 1"),
     Case("cli-score-timestep-range-reversed", C, command(*SCORE, "--timestep_range", "0.8", "0.2"), E,
-         r"--timestep_range LOW HIGH must satisfy 0 <= LOW < HIGH <= 1.*got 0.8 0.2"),
+         r"--ced_timestep_range LOW HIGH must satisfy 0 <= LOW < HIGH <= 1.*got 0.8 0.2"),
     Case("cli-score-no-timestep-buckets", C, command(*SCORE, "--num_timestep_buckets", "0"), E,
-         r"--num_timestep_buckets must be >= 1"),
+         r"--ced_num_timestep_buckets must be >= 1"),
     Case("cli-score-seed-negative", C, command(*SCORE, "--seed", "-3"), E, r"--seed must lie in \[0, 2\*\*32\)"),
     Case("cli-score-method-unknown", C, command(*SCORE, "--method", "entropy"), E,
-         r"argument --method: invalid choice: 'entropy'"),
+         r"argument --ranking/--method: invalid choice: 'entropy'"),
     Case("cli-score-label-column-missing", C, command(*SCORE, "--label_column", "digit"), ValueError,
          r"`label_column`='digit' is not a column"),
     Case("cli-score-output-dir-is-a-file", C, command(*SCORE), ValueError, r"`--output_dir`=.* is a file",

@@ -303,17 +303,20 @@ def test_score_command_records_the_estimator_and_signal(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_prune_script_takes_the_estimator_and_signal():
-    import importlib.util
-    import os
+def test_prune_script_takes_the_estimator_and_signal(tmp_path, capsys):
+    """The script's --ced_* flags are EntPrunerConfig's (the paper's by default); a bad value stops it at once."""
+    import argparse
 
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "prune_dit.py")
-    spec = importlib.util.spec_from_file_location("prune_dit_for_ced", script)
-    prune_dit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prune_dit)
-    defaults = prune_dit.parse_args([])
+    from script_runner import run_prune_script
+
+    from diffusers_entprune.config import EntPrunerConfig, add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    defaults = config_from_args(parser.parse_args([]))
     assert (defaults.ced_estimator, defaults.ced_signal) == ("entropy", "prediction")  # the paper's
-    args = prune_dit.parse_args(["--ced_estimator", "w2", "--ced_signal", "condition"])
-    assert (args.ced_estimator, args.ced_signal) == ("w2", "condition")
+    assert config_from_args(parser.parse_args(["--ced_estimator", "w2", "--ced_signal", "condition"])) == \
+        EntPrunerConfig(ced_estimator="w2", ced_signal="condition")
     with pytest.raises(SystemExit):
-        prune_dit.parse_args(["--ced_estimator", "mi"])
+        run_prune_script(["--ced_estimator", "mi", "--output_dir", str(tmp_path / "out")])
+    assert "--ced_estimator" in capsys.readouterr().err and not (tmp_path / "out").exists()

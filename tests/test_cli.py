@@ -70,6 +70,7 @@ def test_score_command_writes_json_and_plot(tmp_path, source_pipeline, method):
     assert scores["method"] == method and scores["num_layers"] == 6 and len(scores["scores"]) == 6
     assert sorted(scores["ranking"]) == list(range(6))
     assert scores["resolution"] == 16  # sample_size 8 x the tiny VAE's downsampling 2
+    assert scores["config"]["ranking"] == method and scores["config"]["ced_num_samples"] == 48  # EntPrunerConfig
     if method == "ced":
         assert len(scores["bucket_scores"]) == 6 and len(scores["bucket_scores"][0]) == 4
         assert scores["num_samples"] == 48 and scores["options"]["variance"] == "channel"

@@ -122,7 +122,7 @@ def test_repeat_batches_cycles_and_refuses_an_empty_dataset():
 
 
 def test_shard_batches_matches_global_sample_indices_whatever_the_batch_boundaries():
-    from diffusers_entprune.data import shard_batches
+    from diffusers_entprune.randomness import shard_batches
 
     batches = [(torch.arange(a, b), torch.arange(a, b)) for a, b in [(0, 5), (5, 7), (7, 15), (15, 16)]]
     for p in range(3):

@@ -26,7 +26,7 @@ from datasets import ClassLabel, Dataset, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 from test_bad_input import guard_heavy_work, snapshot, tripwire
-from test_prune_dit_script import fresh_accelerator_state, prune_dit, tiny_args, weights  # noqa: F401
+from test_prune_dit_script import fresh_accelerator_state, run_prune_script, tiny_args, weights  # noqa: F401
 
 from diffusers_entprune import cli
 from diffusers_entprune.data import (
@@ -220,9 +220,9 @@ def test_the_script_trains_numeric_folders_as_their_class_and_reports_the_mappin
                         for e, label in zip(examples, batch[1]))
             return batch
 
-    monkeypatch.setattr(prune_dit, "PixelCollate", Recording)
+    monkeypatch.setattr("diffusers_entprune.data.PixelCollate", Recording)  # read by the script when it starts
     out = tmp_path / "out"
-    prune_dit.main(script_args(source_dit, out, data, "--max_train_steps", "3"))
+    run_prune_script(script_args(source_dit, out, data, "--max_train_steps", "3"))
     assert len(seen) == 15 and all(label == int(folder) for folder, label in seen)
     report = json.load(open(out / "entprune_report.json"))
     assert report["class_mapping"] == {"0": 0, "10": 10, "2": 2, "207": 207}
@@ -357,13 +357,13 @@ def test_latent_batches_name_a_bad_row_or_leave_it_out(tmp_path):
 def test_the_script_skips_bad_images_reproducibly_and_reports_them(tmp_path, source_dit):
     data = dataset_with_bad_rows(tmp_path)
     with pytest.raises(UnreadableImageError, match=r"row (3|8|13) (cannot be read|has no image).*--skip_bad_images"):
-        prune_dit.main(script_args(source_dit, tmp_path / "strict", data))
+        run_prune_script(script_args(source_dit, tmp_path / "strict", data))
     extra = ["--skip_bad_images", "--max_train_steps", "6", "--checkpointing_steps", "3"]
-    prune_dit.main(script_args(source_dit, tmp_path / "whole", data, *extra))
+    run_prune_script(script_args(source_dit, tmp_path / "whole", data, *extra))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(tmp_path / "whole" / "checkpoint-3", resumed / "checkpoint-3")
-    prune_dit.main(script_args(source_dit, resumed, data, *extra, "--resume_from_checkpoint", "latest"))
+    run_prune_script(script_args(source_dit, resumed, data, *extra, "--resume_from_checkpoint", "latest"))
     a, b = weights(tmp_path / "whole"), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     order = [i for i, _ in zip(iter(ShuffledShardSampler(20, seed=0)), range(30))]  # 6 steps of 5
@@ -442,13 +442,13 @@ def _drop_from_index(folder, component):
 
 def empty_stream(monkeypatch, c):
     empty = empty_datasets()[1]
-    monkeypatch.setattr(prune_dit, "load_dataset_or_embedded", lambda *a, **k: (empty, c["source"]))
+    monkeypatch.setattr("diffusers_entprune.data.load_dataset_or_embedded", lambda *a, **k: (empty, c["source"]))
 
 
 def script(*extra, model="source"):
     def run(c):
         argv = tiny_args(c[model], c["out"], *[a.format_map(c) for a in extra])
-        prune_dit.main(argv)
+        run_prune_script(argv)
     return run
 
 
@@ -516,8 +516,8 @@ def test_refused_fast_naming_the_argument_and_leaving_the_folder_as_it_was(case,
     before = snapshot(tmp_path)
     guard_heavy_work(monkeypatch)
     # a data check that fires only once training or the CED pool reads the data would be too late
-    monkeypatch.setattr(prune_dit, "training_dataloader", tripwire("prune_dit.training_dataloader"))
-    monkeypatch.setattr(prune_dit, "build_ced_pool", tripwire("prune_dit.build_ced_pool"))
+    monkeypatch.setattr("diffusers_entprune.data.training_dataloader", tripwire("data.training_dataloader"))
+    monkeypatch.setattr("diffusers_entprune.data.LatentBatches._encode", tripwire("the calibration pool's encoding"))
     if patch:
         patch[0](monkeypatch, context)
     capsys.readouterr()

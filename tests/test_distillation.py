@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_scheduler, make_tiny_dit
 from test_cli import source_pipeline  # noqa: F401  (fixture)
-from test_prune_dit_script import fresh_accelerator_state, prune_dit, tiny_args, weights  # noqa: F401  (fixture)
+from test_prune_dit_script import fresh_accelerator_state, run_prune_script, tiny_args, weights  # noqa: F401  (fixture)
 
 from diffusers_entprune.distillation import (
     DistillationConfig,
@@ -242,14 +242,14 @@ def test_script_distils_end_to_end_and_reports_the_teacher(tmp_path, source_pipe
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: (
         logged.append((step, dict(values))), real_log(self, values, step=step, **kw))[1])
     out = tmp_path / "out"
-    prune_dit.main(tiny_args(source_pipeline, out, *KD, "--gradient_checkpointing"))
+    run_prune_script(tiny_args(source_pipeline, out, *KD, "--gradient_checkpointing"))
     entry = json.load(open(out / "entprune_report.json"))["distillation"]
     assert entry["output_weight"] == 0.5 and entry["feature_weight"] == 1.0 and entry["mask_sigma"] == 2.0
     assert entry["feature_decay_steps"] == 12  # default: --max_train_steps
     assert entry["teacher"].endswith("(the source model)") and len(entry["teacher_weights_sha256"]) == 64
     assert entry["teacher_steps"] == 12 and 0 < entry["median_teacher_seconds_per_step"] < \
         entry["median_step_seconds_with_teacher"]
-    assert entry["feature_blocks"] == json.load(open(out / "entprune_report.json"))["kept_blocks"]
+    assert entry["feature_blocks"] == json.load(open(out / "entprune_report.json"))["kept_block_indices"]
     steps = [values for _, values in logged if "loss" in values]
     assert len(steps) == 12
     assert all({"loss/ground_truth", "loss/distill_output", "loss/distill_feature"} <= set(v) for v in steps)
@@ -259,27 +259,27 @@ def test_script_distils_end_to_end_and_reports_the_teacher(tmp_path, source_pipe
 
 def test_script_distils_with_lora_and_bf16(tmp_path, source_pipeline):  # noqa: F811
     out = tmp_path / "out"
-    prune_dit.main(tiny_args(source_pipeline, out, *KD, "--use_lora", "--lora_rank", "2", "--mixed_precision",
+    run_prune_script(tiny_args(source_pipeline, out, *KD, "--use_lora", "--lora_rank", "2", "--mixed_precision",
                              "bf16"))
     report = json.load(open(out / "entprune_report.json"))
-    assert report["distillation"]["teacher_steps"] == 12 and len(report["kept_blocks"]) == 3
+    assert report["distillation"]["teacher_steps"] == 12 and len(report["kept_block_indices"]) == 3
 
 
 def test_resume_reloads_the_teacher_and_refuses_other_distillation_settings(tmp_path, source_pipeline):  # noqa: F811
     teacher = tmp_path / "teacher"
     shutil.copytree(source_pipeline, teacher)
     extra = [*KD, "--teacher_model_name_or_path", str(teacher), "--distill_feature_decay_steps", "12"]
-    prune_dit.main(tiny_args(source_pipeline, tmp_path / "whole", *extra))
+    run_prune_script(tiny_args(source_pipeline, tmp_path / "whole", *extra))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(tmp_path / "whole" / "checkpoint-6", resumed / "checkpoint-6")
     changed = [a if a != "1.0" else "2.0" for a in extra]  # another --distill_feature_weight
     with pytest.raises(RunMismatchError, match=r"--distill_feature_weight: 1\.0 -> 2\.0"):
-        prune_dit.main(tiny_args(source_pipeline, resumed, *changed, "--resume_from_checkpoint", "latest"))
+        run_prune_script(tiny_args(source_pipeline, resumed, *changed, "--resume_from_checkpoint", "latest"))
     moved = tmp_path / "moved-teacher"
     teacher.rename(moved)  # the same weights elsewhere: allowed, and the run ends as if never stopped
     extra[extra.index(str(teacher))] = str(moved)
-    prune_dit.main(tiny_args(source_pipeline, resumed, *extra, "--resume_from_checkpoint", "latest"))
+    run_prune_script(tiny_args(source_pipeline, resumed, *extra, "--resume_from_checkpoint", "latest"))
     a, b = weights(tmp_path / "whole"), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -305,7 +305,7 @@ def test_bad_distillation_input_is_refused_before_anything_is_written(tmp_path, 
         extra = ["--distill_output_weight", "0.5", *extra]
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
-        prune_dit.main(tiny_args(source_pipeline, out, *extra))
+        run_prune_script(tiny_args(source_pipeline, out, *extra))
     assert not out.exists()
 
 
@@ -313,6 +313,6 @@ def test_teacher_inside_the_output_dir_is_refused(tmp_path, source_pipeline):  #
     out = tmp_path / "out"
     shutil.copytree(source_pipeline, out / "teacher")
     with pytest.raises(ValueError, match="teacher_model_name_or_path"):
-        prune_dit.main(tiny_args(source_pipeline, out, "--distill_output_weight", "0.5",
+        run_prune_script(tiny_args(source_pipeline, out, "--distill_output_weight", "0.5",
                                  "--teacher_model_name_or_path", str(out / "teacher"), "--overwrite_output_dir"))
     assert os.path.isdir(out / "teacher")

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from test_cli import source_pipeline  # noqa: F401  (fixture)
-from test_prune_dit_script import prune_dit, tiny_args, weights
+from test_prune_dit_script import run_prune_script, tiny_args, weights
 
 from diffusers_entprune.checkpoints import (
     FINITE_KEY,
@@ -47,7 +47,7 @@ def outcome(folder):
 
 def assert_same_run(a, b):
     (report_a, weights_a), (report_b, weights_b) = a, b
-    assert report_b["kept_blocks"] == report_a["kept_blocks"]  # architecture
+    assert report_b["kept_block_indices"] == report_a["kept_block_indices"]  # architecture
     assert report_b["stages"] == report_a["stages"]  # decisions, CED scores, proxy values
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)  # bit-identical on CPU
@@ -101,7 +101,7 @@ def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, uninterrupt
         f.truncate(os.path.getsize(newest) // 2)
 
     with pytest.raises(CorruptCheckpointError, match="--resume_from_checkpoint.*model.safetensors.*truncated"):
-        prune_dit.main(tiny_args(source, out, *EXTRA, "--resume_from_checkpoint", str(out / "checkpoint-12")))
+        run_prune_script(tiny_args(source, out, *EXTRA, "--resume_from_checkpoint", str(out / "checkpoint-12")))
 
     resumed = run("none", 0, tiny_args(source, out, *EXTRA, "--resume_from_checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

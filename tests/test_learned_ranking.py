@@ -214,7 +214,7 @@ def test_nothing_to_prune_trains_nothing():
 def test_two_processes_decide_like_one():
     """Two processes (threads here, summing through a barrier) hold the same logits at every step and end with one
     decision, the one a single process makes on the same samples."""
-    from diffusers_entprune.data import shard_batches
+    from diffusers_entprune.randomness import shard_batches
 
     model = tiny()
     options = LearnedRankingOptions(num_steps=4, batch_size=8)
@@ -246,38 +246,28 @@ def test_two_processes_decide_like_one():
 # ---------------------------------------------------------------------------------------------- script and CLI
 
 
-@pytest.fixture
-def prune_dit():
-    from accelerate.state import AcceleratorState
-    from test_prune_dit_script import prune_dit
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield prune_dit
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("extra", [[], ["--use_lora"], ["--use_lora", "--learned_lora_rank", "0"]])
-def test_script_prunes_the_learned_set(tmp_path, source_pipeline, prune_dit, extra):  # noqa: F811
-    from test_prune_dit_script import tiny_args
+def test_script_prunes_the_learned_set(tmp_path, source_pipeline, extra):  # noqa: F811
+    from test_prune_dit_script import run_prune_script, tiny_args
 
     out = tmp_path / "out"
-    prune_dit.main(tiny_args(source_pipeline, out, "--pruning_mode", "one_shot", "--ranking", "learned",
+    run_prune_script(tiny_args(source_pipeline, out, "--pruning_mode", "one_shot", "--ranking", "learned",
                              "--learned_steps", "3", "--learned_batch_size", "8", "--validation_steps", "0",
                              "--speed_batch_size", "0", *extra))
     report = json.load(open(out / "entprune_report.json"))
     scores = {int(k): v for k, v in report["stages"][0]["ced_scores"].items()}
-    assert report["ranking"] == "learned" and len(report["kept_blocks"]) == 3
+    assert report["ranking"] == "learned" and len(report["kept_block_indices"]) == 3
     assert report["stages"][0]["pruned_blocks"] == sorted(i for i, s in scores.items() if s < 1.0)
-    assert report["training"]["learned_steps"] == 3 and report["training"]["learned_group_size"] == 4
+    assert report["pruning_config"]["learned_steps"] == 3 and report["pruning_config"]["learned_group_size"] == 4
 
 
-def test_script_refuses_learned_flags_without_the_learned_ranking(tmp_path, source_pipeline, prune_dit):  # noqa: F811
-    from test_prune_dit_script import tiny_args
+def test_script_refuses_learned_flags_without_the_learned_ranking(tmp_path, source_pipeline):  # noqa: F811
+    from test_prune_dit_script import run_prune_script, tiny_args
 
     for extra in (["--ranking", "ced", "--learned_steps", "5"], ["--ranking", "learned", "--learned_steps", "0"],
                   ["--ranking", "learned", "--learned_lora_rank", "-1"]):
         with pytest.raises(SystemExit):
-            prune_dit.main(tiny_args(source_pipeline, tmp_path / "out", *extra))
+            run_prune_script(tiny_args(source_pipeline, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
 
 

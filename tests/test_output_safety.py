@@ -16,7 +16,7 @@ import subprocess
 import pytest
 from conftest import make_scheduler, make_tiny_dit, make_tiny_vae
 from diffusers import DiTTransformer2DModel
-from test_prune_dit_script import DOWNSTREAM, fresh_accelerator_state, prune_dit, tiny_args, weights  # noqa: F401
+from test_prune_dit_script import DOWNSTREAM, fresh_accelerator_state, run_prune_script, tiny_args, weights  # noqa: F401
 
 from diffusers_entprune import cli
 from diffusers_entprune.export import save_pruned_pipeline
@@ -61,7 +61,7 @@ def finished_run(tmp_path_factory):
     source = tiny_pipeline(root / "source")
     out = root / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
-    prune_dit.main(tiny_args(source, out, *FAST))
+    run_prune_script(tiny_args(source, out, *FAST))
     AcceleratorState._reset_state(reset_partial_state=True)
     return source, out
 
@@ -119,7 +119,7 @@ def test_script_never_writes_into_an_input(tmp_path, finished_run, where):
     args[args.index("--train_data_dir") + 1] = data_dir
     relation = r"`--output_dir`=.*(is|lies inside|contains) `--(pretrained_model_name_or_path|train_data_dir)`"
     with pytest.raises(ValueError, match=relation + ".*outside every input"):
-        prune_dit.main(args)
+        run_prune_script(args)
     assert {p: snapshot(p) for p in before} == before
 
 
@@ -211,11 +211,11 @@ def test_script_overwrite_deletes_nothing_before_every_argument_is_checked(run_c
     source, out = run_copy
     before = snapshot(out)
     with pytest.raises(ValueError, match="label_column"):
-        prune_dit.main(tiny_args(source, out, *FAST, "--overwrite_output_dir", "--label_column", "no_such_column"))
+        run_prune_script(tiny_args(source, out, *FAST, "--overwrite_output_dir", "--label_column", "no_such_column"))
     assert snapshot(out) == before  # the finished run's checkpoints and model are all still there
     (out / "thesis.tex").write_text("years of work")
     with pytest.raises(FileExistsError, match="thesis.tex"):
-        prune_dit.main(tiny_args(source, out, *FAST, "--overwrite_output_dir"))
+        run_prune_script(tiny_args(source, out, *FAST, "--overwrite_output_dir"))
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
@@ -246,14 +246,14 @@ def test_read_only_or_dangling_output_is_refused_before_training(tmp_path, finis
     locked.mkdir()
     with read_only(locked):
         with pytest.raises(PermissionError, match="`--output_dir`=.*cannot write"):
-            prune_dit.main(tiny_args(source, locked, *FAST))
+            run_prune_script(tiny_args(source, locked, *FAST))
         with pytest.raises(PermissionError, match="`--output_dir`=.*cannot write"):  # a folder to be made inside it
-            prune_dit.main(tiny_args(source, locked / "run", *FAST))
+            run_prune_script(tiny_args(source, locked / "run", *FAST))
     assert os.listdir(locked) == []
     dangling = tmp_path / "dangling"
     os.symlink(tmp_path / "gone", dangling)
     with pytest.raises(ValueError, match="symlink.*does not exist"):
-        prune_dit.main(tiny_args(source, dangling, *FAST))
+        run_prune_script(tiny_args(source, dangling, *FAST))
 
 
 # ---------------------------------------------------------------------------------------------- one run per folder
@@ -268,7 +268,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_touches_nothing(run_copy
     with OutputDirLock(str(out), command="the first run"):
         for extra in ([], ["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]):
             with pytest.raises(OutputDirLockedError, match=f"{os.getpid()}.*the first run.*another folder"):
-                prune_dit.main(tiny_args(source, out, *FAST, *extra))
+                run_prune_script(tiny_args(source, out, *FAST, *extra))
         assert {k: v for k, v in snapshot(out).items() if k != LOCK_NAME} == before
     assert not (out / LOCK_NAME).exists()
 
@@ -276,7 +276,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_touches_nothing(run_copy
 def test_a_stale_lock_of_a_dead_process_is_taken_over(run_copy, caplog):
     source, out = run_copy
     (out / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "node-7", "started": "yesterday"}))
-    prune_dit.main(tiny_args(source, out, *FAST, "--resume_from_checkpoint", "latest"))
+    run_prune_script(tiny_args(source, out, *FAST, "--resume_from_checkpoint", "latest"))
     assert "stale lock" in caplog.text and "999999" in caplog.text
     assert not (out / LOCK_NAME).exists()  # released at the end
 
@@ -284,7 +284,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(run_copy, caplog):
 def test_lock_removes_a_folder_it_created_when_the_run_is_refused(tmp_path, finished_run):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="label_column"):
-        prune_dit.main(tiny_args(finished_run[0], out, *FAST, "--label_column", "nope"))
+        run_prune_script(tiny_args(finished_run[0], out, *FAST, "--label_column", "nope"))
     assert not out.exists()
 
 
@@ -309,7 +309,7 @@ def test_resume_with_other_settings_is_refused_listing_each_difference(run_copy,
     source, out = run_copy
     before = snapshot(out)
     with pytest.raises(RunMismatchError) as error:
-        prune_dit.main(resume_args(source, out, *extra))
+        run_prune_script(resume_args(source, out, *extra))
     for pattern in listed:
         assert re.search(pattern, str(error.value)), (pattern, str(error.value))
     assert "Resume with the checkpoint's settings" in str(error.value)
@@ -321,14 +321,14 @@ def test_resume_with_other_source_weights_data_or_width_is_refused(tmp_path, run
     before = snapshot(out)
     same_shape = tiny_pipeline(tmp_path / "same-shape", seed=123)  # same config, other weights
     with pytest.raises(RunMismatchError, match="source model weights"):
-        prune_dit.main(resume_args(same_shape, out))
+        run_prune_script(resume_args(same_shape, out))
     wide = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                  num_layers=6, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
     for block in wide.transformer_blocks[1:]:  # one embedder, as in a converted DiT
         block.norm1.emb.load_state_dict(wide.transformer_blocks[0].norm1.emb.state_dict())
     wider = tiny_pipeline(tmp_path / "wider", transformer=wide)
     with pytest.raises(RunMismatchError, match="source model weights"):  # not a raw state_dict error
-        prune_dit.main(resume_args(wider, out))
+        run_prune_script(resume_args(wider, out))
     data = dataset_copy(tmp_path)
     import pyarrow.parquet as pq
 
@@ -337,14 +337,14 @@ def test_resume_with_other_source_weights_data_or_width_is_refused(tmp_path, run
     args = resume_args(source, out)
     args[args.index("--train_data_dir") + 1] = data
     with pytest.raises(RunMismatchError, match="dataset"):
-        prune_dit.main(args)
+        run_prune_script(args)
     assert snapshot(out) == before
 
 
 def test_resume_with_safe_changes_is_allowed_and_recorded(run_copy):
     source, out = run_copy
     whole = weights(out)
-    prune_dit.main(resume_args(source, out, "--checkpoints_total_limit", "3", "--validation_steps", "5",
+    run_prune_script(resume_args(source, out, "--checkpoints_total_limit", "3", "--validation_steps", "5",
                                "--max_train_steps", "12"))
     report = json.loads((out / "entprune_report.json").read_text())
     (resume,) = report["run_identity"]["resumes"]
@@ -358,7 +358,7 @@ def test_resume_with_safe_changes_is_allowed_and_recorded(run_copy):
 
 def test_resume_may_grow_max_train_steps_only_under_a_constant_schedule(run_copy):
     source, out = run_copy
-    prune_dit.main(resume_args(source, out, "--max_train_steps", "14"))
+    run_prune_script(resume_args(source, out, "--max_train_steps", "14"))
     report = json.loads((out / "entprune_report.json").read_text())
     assert report["run_identity"]["resumes"][0]["changed"] == {"max_train_steps": [12, 14]}
     assert report["training"]["max_train_steps"] == 14
@@ -380,9 +380,9 @@ def test_resume_from_a_checkpoint_elsewhere_writes_a_fresh_folder_and_keeps_the_
     (taken / "notes.txt").write_text("mine")
     args = tiny_args(source, taken, *FAST, "--resume_from_checkpoint", str(checkpoint))
     with pytest.raises(FileExistsError, match="notes.txt"):  # an explicit checkpoint does not skip the folder check
-        prune_dit.main(args)
+        run_prune_script(args)
     out = tmp_path / "fresh"
-    prune_dit.main(tiny_args(source, out, *FAST, "--resume_from_checkpoint", str(checkpoint)))
+    run_prune_script(tiny_args(source, out, *FAST, "--resume_from_checkpoint", str(checkpoint)))
     whole, resumed = weights(run), weights(out)
     assert all((whole[k] == resumed[k]).all() for k in whole)
     assert snapshot(checkpoint) == before
@@ -401,7 +401,7 @@ def test_a_new_learning_rate_on_resume_is_applied_and_recorded(run_copy, monkeyp
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    prune_dit.main(resume_args(source, out, "--learning_rate", "0.0005", "--max_grad_norm", "0.5"))
+    run_prune_script(resume_args(source, out, "--learning_rate", "0.0005", "--max_grad_norm", "0.5"))
     assert rates and set(rates) == {0.0005}  # every step after the resume ran at the new rate
     report = json.loads((out / "entprune_report.json").read_text())
     assert report["run_identity"]["resumes"][0]["changed"] == {"learning_rate": [0.001, 0.0005],

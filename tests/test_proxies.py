@@ -180,7 +180,7 @@ def test_zico_from_gradients_known_values():
         # [4, 2] -> 3 / 1: log(3)
         "c": [torch.tensor([[4.0]]), torch.tensor([[2.0]])],
     }
-    assert zico_from_gradients(gradients) == pytest.approx(2 * math.log(3.0), rel=1e-12)
+    assert zico_from_gradients(gradients, reduction="sum") == pytest.approx(2 * math.log(3.0), rel=1e-12)
     assert zico_from_gradients(gradients, reduction="mean") == pytest.approx(math.log(3.0), rel=1e-12)
     # identical float64 values whose mean rounds (3 * 0.1 / 3 != 0.1) must not count as a tiny std
     spurious = {"a": gradients["a"], "d": [torch.tensor([0.1], dtype=torch.float64)] * 3}
@@ -204,7 +204,7 @@ def test_zico_rewards_consistent_gradients_and_mean_is_sum_over_layers():
 def test_zico_on_the_model_matches_a_backward_reference():
     m, obj = model(), objective()
     batches = zico_batches()
-    value = zico(m, obj, batches, seed=5)
+    value = zico(m, obj, batches, seed=5, reduction="sum")  # the reference below sums the layers
 
     # independent: .backward() on a copy, gradients read from .grad, the formula in numpy
     ref = copy.deepcopy(m)
@@ -238,7 +238,7 @@ def test_zico_is_seeded_and_skipping_removes_the_blocks_layers():
     own = layer_count(block) - layer_count(block.norm1.emb)
     assert own == 7
     for skip, expected in (([], all_layers), ([3], all_layers - own)):
-        ratio = zico(m, obj, batches, skip) / zico(m, obj, batches, skip, reduction="mean")
+        ratio = zico(m, obj, batches, skip, reduction="sum") / zico(m, obj, batches, skip, reduction="mean")
         assert ratio == pytest.approx(expected, rel=1e-9)
 
 

@@ -1,6 +1,5 @@
 """examples/prune_dit.py end to end on a tiny DiT and the embedded digits: output, resume, push, bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,15 +11,12 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_runner import SCRIPT, run_prune_script  # noqa: F401  (SCRIPT: for other test modules)
 from test_cli import source_pipeline  # noqa: F401  (fixture)
 
 import diffusers_entprune.hub as hub
+from diffusers_entprune.checkpoints import STATE_NAME
 from diffusers_entprune.embedded import DIGITS_DIR
-
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "prune_dit.py")
-_spec = importlib.util.spec_from_file_location("prune_dit", SCRIPT)
-prune_dit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prune_dit)
 
 DOWNSTREAM = os.path.join(DIGITS_DIR, "downstream")
 
@@ -74,10 +70,10 @@ def assert_loads_without_package(folder, num_layers):
 
 def test_one_process_end_to_end(tmp_path, source_pipeline):  # noqa: F811
     out = tmp_path / "out"
-    prune_dit.main(tiny_args(source_pipeline, out, "--use_ema"))
+    run_prune_script(tiny_args(source_pipeline, out, "--use_ema"))
     report = json.load(open(out / "entprune_report.json"))
-    assert report["original_num_layers"] == 6 and len(report["kept_blocks"]) == 3
-    assert report["kept_blocks"] == report["kept_block_indices"]
+    assert report["original_num_layers"] == 6 and len(report["kept_block_indices"]) == 3
+    assert "kept_blocks" not in report  # one name: kept_block_indices
     stages = report["stages"]
     assert [s["step"] for s in stages] == [0, 4]
     assert sorted(b for s in stages for b in s["pruned_blocks"]) == report["pruned_block_indices"]
@@ -122,7 +118,7 @@ def test_two_processes_end_to_end(tmp_path, source_pipeline):  # noqa: F811
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.load(open(out / "entprune_report.json"))
-    assert len(report["kept_blocks"]) == 3 and len(report["stages"]) == 2
+    assert len(report["kept_block_indices"]) == 3 and len(report["stages"]) == 2
     assert (out / "checkpoint-8" / "random_states_1.pkl").exists()  # each process saved its RNG state
     assert "Blocks and weights agree across 2 processes" in result.stderr  # DDP rebuilt after pruning kept sync
     assert_loads_without_package(out, 3)
@@ -132,7 +128,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, source_pipeline): 
     """Stopped after the first of three pruning stages (steps 0, 3, 6): resumed from the checkpoint of step 3."""
     extra = ["--pruning_stages", "3", "--pruning_steps", "9", "--checkpointing_steps", "3", "--use_ema",
              "--validation_steps", "0", "--speed_batch_size", "0"]
-    prune_dit.main(tiny_args(source_pipeline, tmp_path / "whole", *extra))
+    run_prune_script(tiny_args(source_pipeline, tmp_path / "whole", *extra))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     # what a crash after step 3 leaves behind: that run's checkpoint (made by the same code)
@@ -140,13 +136,13 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, source_pipeline): 
     # the EMA is saved as safetensors: resuming unpickles nothing of accelerate's custom objects
     assert (resumed / "checkpoint-3" / "ema.safetensors").exists()
     assert not list((resumed / "checkpoint-3").glob("custom_checkpoint_*"))
-    state = json.load(open(resumed / "checkpoint-3" / prune_dit.STATE_NAME))
-    assert state["global_step"] == 3 and len(state["controller"]["decisions"]) == 1  # one stage decided
-    prune_dit.main(tiny_args(source_pipeline, resumed, *extra, "--resume_from_checkpoint", "latest"))
+    state = json.load(open(resumed / "checkpoint-3" / STATE_NAME))
+    assert state["global_step"] == 3 and len(state["pruner"]["controller"]["decisions"]) == 1  # one stage decided
+    run_prune_script(tiny_args(source_pipeline, resumed, *extra, "--resume_from_checkpoint", "latest"))
     whole_report = json.load(open(tmp_path / "whole" / "entprune_report.json"))
     resumed_report = json.load(open(resumed / "entprune_report.json"))
     assert resumed_report["stages"] == whole_report["stages"]  # same decisions, CED scores and proxy values
-    assert resumed_report["kept_blocks"] == whole_report["kept_blocks"]
+    assert resumed_report["kept_block_indices"] == whole_report["kept_block_indices"]
     a, b = weights(tmp_path / "whole"), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -156,11 +152,10 @@ def test_push_to_hub_uploads_the_pipeline_without_checkpoints(tmp_path, source_p
     from test_hub import FakeApi
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
-    monkeypatch.setattr(prune_dit, "push_pruned_pipeline", hub.push_pruned_pipeline)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     FakeApi.calls.clear()
     out = tmp_path / "dit-tiny-pruned"
-    prune_dit.main(tiny_args(source_pipeline, out, "--push_to_hub", "--hub_model_id", "me/dit-tiny-pruned",
+    run_prune_script(tiny_args(source_pipeline, out, "--push_to_hub", "--hub_model_id", "me/dit-tiny-pruned",
                              "--speed_batch_size", "0"))
     create = next(c for c in FakeApi.calls if c[0] == "create_repo")
     upload = next(c for c in FakeApi.calls if c[0] == "upload_folder")
@@ -179,7 +174,7 @@ def test_push_refused_offline_and_existing_output_kept(tmp_path, source_pipeline
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="push_to_hub.*HF_HUB_OFFLINE"):
-        prune_dit.main(tiny_args(source_pipeline, out, "--push_to_hub"))
+        run_prune_script(tiny_args(source_pipeline, out, "--push_to_hub"))
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
@@ -193,7 +188,7 @@ def test_push_refused_offline_and_existing_output_kept(tmp_path, source_pipeline
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, source_pipeline, extra, error, match):  # noqa: F811
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
-        prune_dit.main(tiny_args(source_pipeline, out, *extra))
+        run_prune_script(tiny_args(source_pipeline, out, *extra))
     assert not out.exists()
 
 
@@ -208,7 +203,7 @@ def test_labels_outside_the_models_classes_are_refused(tmp_path, source_pipeline
     args = tiny_args(source_pipeline, tmp_path / "out")
     args[args.index("--train_data_dir") + 1] = str(data)
     with pytest.raises(ValueError, match=r"label_column.*1500.*0\.\.999"):
-        prune_dit.main(args)
+        run_prune_script(args)
     assert not (tmp_path / "out").exists()
 
 
@@ -217,10 +212,10 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, source_pipelin
     out.mkdir()
     (out / "model_index.json").write_text("{}")
     with pytest.raises(FileExistsError, match="overwrite_output_dir"):
-        prune_dit.main(tiny_args(source_pipeline, out))
+        run_prune_script(tiny_args(source_pipeline, out))
     (out / "checkpoint-6").mkdir()  # an interrupted run's checkpoint: resuming is the other way out
     with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
-        prune_dit.main(tiny_args(source_pipeline, out))
+        run_prune_script(tiny_args(source_pipeline, out))
     assert (out / "model_index.json").read_text() == "{}"
 
 
@@ -241,21 +236,21 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     monkeypatch.setattr(DiffusionObjective, "loss", loss_that_diverges)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"loss is nan at step 7.*checkpoint-6.*learning_rate"):
-        prune_dit.main(tiny_args(source_pipeline, out, "--validation_steps", "0"))
+        run_prune_script(tiny_args(source_pipeline, out, "--validation_steps", "0"))
     assert sorted(os.listdir(out)) == [".entprune_output.json", "checkpoint-6"]  # the last good checkpoint only
-    assert (out / "checkpoint-6" / prune_dit.STATE_NAME).exists()
+    assert (out / "checkpoint-6" / STATE_NAME).exists()
 
 
 def test_lora_fine_tunes_adapters_only_and_exports_merged_weights(tmp_path, source_pipeline):  # noqa: F811
     out = tmp_path / "lora"
-    prune_dit.main(tiny_args(source_pipeline, out, "--use_lora", "--lora_rank", "2", "--use_ema",
+    run_prune_script(tiny_args(source_pipeline, out, "--use_lora", "--lora_rank", "2", "--use_ema",
                              "--speed_batch_size", "0"))
     exported, source = weights(out), weights(source_pipeline)
     assert not any("lora" in k for k in exported)
     assert torch.equal(exported["proj_out_2.weight"], source["proj_out_2.weight"])  # frozen: not an adapted layer
     report = json.load(open(out / "entprune_report.json"))
     assert report["training"]["use_lora"] is True
-    kept = report["kept_blocks"]
+    kept = report["kept_block_indices"]
     position = 0  # block 'position' of the export holds original block kept[0]
     q_new = exported[f"transformer_blocks.{position}.attn1.to_q.weight"]
     q_old = source[f"transformer_blocks.{kept[0]}.attn1.to_q.weight"]
@@ -265,7 +260,7 @@ def test_lora_fine_tunes_adapters_only_and_exports_merged_weights(tmp_path, sour
 
 def test_bf16_mixed_precision_trains_samples_and_exports_float32(tmp_path, source_pipeline):  # noqa: F811
     out = tmp_path / "bf16"
-    prune_dit.main(tiny_args(source_pipeline, out, "--mixed_precision", "bf16", "--use_ema"))
+    run_prune_script(tiny_args(source_pipeline, out, "--mixed_precision", "bf16", "--use_ema"))
     assert (out / "validation" / "step-000006.png").exists()  # the bf16 VAE decodes float32 latents
     assert all(v.dtype == torch.float32 for v in weights(out).values())
     report = json.load(open(out / "entprune_report.json"))
@@ -278,13 +273,13 @@ def test_baseline_rankings_drive_the_same_schedule(tmp_path, source_pipeline, ra
     from diffusers_entprune.models import EntPrunedTransformer2DModel
 
     out = tmp_path / "out"
-    prune_dit.main(tiny_args(source_pipeline, out, "--pruning_mode", "one_shot", "--ranking", ranking,
+    run_prune_script(tiny_args(source_pipeline, out, "--pruning_mode", "one_shot", "--ranking", ranking,
                              "--ranking_seed", "7", "--validation_steps", "0", "--speed_batch_size", "0"))
     report = json.load(open(out / "entprune_report.json"))
     source = EntPrunedTransformer2DModel.from_pretrained(source_pipeline, subfolder="transformer")
     expected = {"magnitude": lambda: magnitude_scores(source), "random": lambda: random_scores(source, seed=7),
                 "uniform": lambda: uniform_scores(source, num_to_prune=3)}[ranking]()
-    assert report["ranking"] == ranking and report["training"]["ranking_seed"] == 7
+    assert report["ranking"] == ranking and report["pruning_config"]["ranking_seed"] == 7
     assert report["stages"][0]["pruned_blocks"] == sorted(expected.ranking[:3])
     assert report["stages"][0]["ced_scores"] == {str(k): v for k, v in zip(expected.block_indices, expected.scores)}
     assert "baseline" in report["pruned_by"]["method"]
@@ -292,15 +287,15 @@ def test_baseline_rankings_drive_the_same_schedule(tmp_path, source_pipeline, ra
 
 def test_taylor_ranking_with_lora_is_refused(tmp_path, source_pipeline):  # noqa: F811
     with pytest.raises(SystemExit):
-        prune_dit.main(tiny_args(source_pipeline, tmp_path / "out", "--ranking", "taylor", "--use_lora"))
+        run_prune_script(tiny_args(source_pipeline, tmp_path / "out", "--ranking", "taylor", "--use_lora"))
     assert not (tmp_path / "out").exists()
 
 
 def test_fine_tune_only_trains_the_whole_model_and_exports_it(tmp_path, source_pipeline):  # noqa: F811
     out = tmp_path / "out"
-    prune_dit.main(tiny_args(source_pipeline, out, "--fine_tune_only", "--validation_steps", "0"))
+    run_prune_script(tiny_args(source_pipeline, out, "--fine_tune_only", "--validation_steps", "0"))
     report = json.load(open(out / "entprune_report.json"))
-    assert report["kept_blocks"] == list(range(6)) and report["pruned_block_indices"] == []
+    assert report["kept_block_indices"] == list(range(6)) and report["pruned_block_indices"] == []
     assert all(s["pruned_blocks"] == [] and s["ced_scores"] == {} for s in report["stages"])
     assert report["sampling_speed"]["flops_ratio"] == pytest.approx(1.0) and not (out / "ced.png").exists()
     before, after = weights(source_pipeline), weights(out)

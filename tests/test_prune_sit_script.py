@@ -53,7 +53,7 @@ def test_sit_pruning_end_to_end_uses_the_flow_objective_and_exports_a_sit_pipeli
     assert calls["flow_loss"] >= 12 and calls["flow_times"] > 0 and calls["diffusion_loss"] == 0
     report = json.load(open(out / "entprune_report.json"))
     assert report["model_type"] == "sit" and report["pipeline"] == "SiTPipeline"
-    assert report["original_num_layers"] == 6 and len(report["kept_blocks"]) == 3
+    assert report["original_num_layers"] == 6 and len(report["kept_block_indices"]) == 3
     assert sorted(b for s in report["stages"] for b in s["pruned_blocks"]) == report["pruned_block_indices"]
     assert len(report["stages"][0]["ced_scores"]) == 6
     assert report["sampling_speed"]["sampler"] == "heun" and report["sampling_speed"]["flops_ratio"] > 1.0

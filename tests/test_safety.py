@@ -19,7 +19,7 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker
 from test_cli import source_pipeline  # noqa: F401  (fixture)
-from test_prune_dit_script import fresh_accelerator_state, prune_dit, tiny_args  # noqa: F401
+from test_prune_dit_script import fresh_accelerator_state, run_prune_script, tiny_args  # noqa: F401
 
 import diffusers_entprune.hub as hub
 from diffusers_entprune.cli import main as cli_main
@@ -173,17 +173,18 @@ def test_the_hub_token_reaches_the_hub_client_and_nothing_else(tmp_path, source_
     from test_hub import FakeApi
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
-    monkeypatch.setattr(prune_dit, "push_pruned_pipeline", hub.push_pruned_pipeline)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     out = tmp_path / "out"
     tracker_file = out / "logs" / "tracker.jsonl"
-    real_accelerator = prune_dit.Accelerator
-    monkeypatch.setattr(prune_dit, "Accelerator",
+    import accelerate
+
+    real_accelerator = accelerate.Accelerator  # the script's `from accelerate import Accelerator` picks this up
+    monkeypatch.setattr(accelerate, "Accelerator",
                         lambda **kwargs: real_accelerator(**{**kwargs, "log_with": [FileTracker(str(tracker_file))]}))
     caplog.set_level(logging.DEBUG)
     FakeApi.calls.clear()
 
-    prune_dit.main(tiny_args(source_pipeline, out, "--push_to_hub", "--hub_model_id", "me/dit-tiny-pruned",
+    run_prune_script(tiny_args(source_pipeline, out, "--push_to_hub", "--hub_model_id", "me/dit-tiny-pruned",
                              "--hub_token", SECRET, "--speed_batch_size", "0", "--checkpointing_steps", "6"))
 
     assert ("init", SECRET) in FakeApi.calls  # the upload was authorised with the token

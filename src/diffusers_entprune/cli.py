@@ -1,6 +1,6 @@
 """The ``entprune`` command.
 
-    entprune score --method ced --output_dir scores                  # embedded base and downstream data
+    entprune score --ranking ced --output_dir scores                 # embedded base and downstream data
     entprune score --pretrained_model_name_or_path facebook/DiT-XL-2-256 --dataset_name D --output_dir OUT
     entprune prune --prune_blocks 0 5 11 --output_dir tiny-pruned   # embedded base, no network needed
     entprune prune --scores scores/scores.json --num_prune 3 --output_dir tiny-pruned
@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from .importance.learned import add_learned_arguments, learned_options_from_args
+from .config import add_config_arguments, config_from_args
 from .importance.ranking import RANKING_METHODS, TARGET_AWARE_METHODS
 from .model_types import MODEL_TYPES
 
@@ -159,6 +159,15 @@ def prune_command(argv) -> int:
 
 
 METHODS = RANKING_METHODS
+# `entprune score`'s ranking flags: EntPrunerConfig's, named as in examples/prune_dit.py; the old names still work
+SCORE_FIELDS = ("ranking", "seed", "ranking_seed", "target_num_blocks", "ced_num_samples", "ced_batch_size",
+                "ced_variance", "ced_estimator", "ced_signal", "ced_per_class", "ced_signed", "ced_timestep_range",
+                "ced_num_timestep_buckets", "learned_steps", "learned_group_size", "learned_lora_rank",
+                "learned_batch_size")
+SCORE_ALIASES = {"ranking": ["--method"], "ced_num_samples": ["--num_samples"], "ced_batch_size": ["--batch_size"],
+                 "ced_variance": ["--variance"], "ced_estimator": ["--estimator"], "ced_signal": ["--signal"],
+                 "ced_signed": ["--signed"], "ced_per_class": ["--pooled"], "ced_timestep_range": ["--timestep_range"],
+                 "ced_num_timestep_buckets": ["--num_timestep_buckets"], "target_num_blocks": ["--num_prune"]}
 
 
 def _parse_score_args(argv):
@@ -186,57 +195,24 @@ def _parse_score_args(argv):
     data.add_argument("--skip_bad_images", action="store_true",
                       help="Leave out unreadable images (truncated, empty, missing) with a warning instead of "
                            "stopping.")
-    parser.add_argument("--method", choices=METHODS, default="ced")
-    parser.add_argument("--num_samples", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_prune", type=int, default=None,
-                        help=f"How many blocks are to be removed: needed by the rankings that choose a set for a "
-                             f"target ({', '.join(TARGET_AWARE_METHODS)}).")
-    ced = parser.add_argument_group("CED estimator")
-    ced.add_argument("--variance", choices=("scalar", "channel", "diag"), default="channel")
-    ced.add_argument("--signed", action="store_true", help="Report H_skip - H_full instead of its magnitude.")
-    ced.add_argument("--pooled", action="store_true", help="Pool all classes into one Gaussian.")
-    ced.add_argument("--estimator", choices=("entropy", "residual", "kl", "w2"), default="entropy",
-                     help="entropy: the paper's |H(Y|C) - H(Y_skip|C)|; residual: H(Y_skip | Y_full, C), what the "
-                          "skip adds that the full output does not explain; kl: KL(full || skip); w2: squared "
-                          "2-Wasserstein distance (per-class Gaussians; see importance/ced.py).")
-    ced.add_argument("--signal", choices=("prediction", "condition"), default="prediction",
-                     help="prediction: the model's prediction (the paper); condition: prediction(class) - "
-                          "prediction(null class) on the same inputs (twice the block work).")
-    ced.add_argument("--timestep_range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                     help="Fractions of the training time range to draw t from.")
-    ced.add_argument("--num_timestep_buckets", type=int, default=4)
-    ced.add_argument("--no_prefix_cache", action="store_true", help="Run the naive ablation (for checking).")
-    add_learned_arguments(parser)
+    ranking = add_config_arguments(parser, fields=SCORE_FIELDS, aliases=SCORE_ALIASES,
+                                   group_title="ranking (EntPrunerConfig's flags, as in examples/prune_dit.py; "
+                                               "--target_num_blocks: needed by the rankings that choose a set for a "
+                                               f"target, {', '.join(TARGET_AWARE_METHODS)})")
+    ranking.add_argument("--no_prefix_cache", action="store_true", help="Run the naive ablation (for checking).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite_output_dir", action="store_true")
     args = parser.parse_args(argv)
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("pass at most one of --dataset_name and --train_data_dir.")
-    if args.num_samples < 2:
-        parser.error("--num_samples must be >= 2 (a variance needs two samples).")
     if args.class_mapping_file is not None and not os.path.isfile(args.class_mapping_file):
         parser.error(f"--class_mapping_file {args.class_mapping_file!r} is not a file.")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1.")
     if args.resolution is not None and args.resolution < 1:
         parser.error("--resolution must be >= 1.")
-    low, high = args.timestep_range
-    if not 0.0 <= low < high <= 1.0:
-        parser.error(f"--timestep_range LOW HIGH must satisfy 0 <= LOW < HIGH <= 1 (fractions of the training time "
-                     f"range), got {low} {high}.")
-    if args.num_timestep_buckets < 1:
-        parser.error(f"--num_timestep_buckets must be >= 1, got {args.num_timestep_buckets}.")
-    if args.signed and args.estimator != "entropy":
-        parser.error(f"--signed applies to --estimator entropy only, got --estimator {args.estimator}.")
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed must lie in [0, 2**32), got {args.seed}.")
-    if args.method in TARGET_AWARE_METHODS and args.num_prune is None:
-        parser.error(f"--method {args.method} chooses the set of blocks to remove for a target: pass --num_prune N.")
-    if args.num_prune is not None and args.num_prune < 1:
-        parser.error(f"--num_prune must be >= 1, got {args.num_prune}.")
-    args.learned_options = learned_options_from_args(args, args.method, "--method", parser.error)
+    args.config = config_from_args(args, error=parser.error)  # every ranking setting checked here
+    if args.ranking in TARGET_AWARE_METHODS and args.target_num_blocks is None:
+        parser.error(f"--ranking {args.ranking} chooses the set of blocks to remove for a target: pass "
+                     "--target_num_blocks N.")
     return args
 
 
@@ -252,30 +228,30 @@ def score_command(argv) -> int:
         load_dataset_or_embedded,
         prepare_labels,
         repeat_batches,
-        shard_batches,
         vae_scale_factor,
     )
     from .export import load_id2label
-    from .importance import CEDOptions, score_blocks
+    from .importance import score_blocks
     from .model_types import objective_for, pipeline_class, resolve_source
     from .models import EntPrunedTransformer2DModel
     from .output_dir import check_output_dir, staged_output_dir
     from .plotting import plot_scores
+    from .randomness import shard_batches
 
     check_output_dir(args.output_dir, args.overwrite_output_dir, "--output_dir", kind="scores",
                      inputs={"--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
                              "--train_data_dir": args.train_data_dir, "--dataset_name": args.dataset_name,
                              "--latent_cache_dir": args.latent_cache_dir})
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (statistics are summed)
-    options = CEDOptions(variance=args.variance, signed=args.signed, per_class=not args.pooled,
-                         timestep_range=tuple(args.timestep_range), num_timestep_buckets=args.num_timestep_buckets,
-                         estimator=args.estimator, signal=args.signal)
+    config = args.config
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
     device = accelerator.device
     transformer = EntPrunedTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=args.revision)
     pipe = pipeline_class(model_type).from_pretrained(source, transformer=transformer, revision=args.revision)
     pipe.to(device)
     transformer.eval()
+    # the target is checked against the model before any data is encoded
+    num_to_prune = None if config.target_num_blocks is None else config.num_blocks_to_prune(transformer)
     dataset, dataset_label = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
                                                       args.dataset_config_name, streaming=args.streaming)
     num_classes = transformer.config.num_embeds_ada_norm
@@ -286,10 +262,10 @@ def score_command(argv) -> int:
         f"`{dataset_argument}`={dataset_label!r} (split {args.split!r})",
         log=print if accelerator.is_main_process else lambda message: None)
     resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(pipe.vae)
-    latents = LatentBatches(dataset, pipe.vae, resolution, args.batch_size, args.image_column, args.label_column,
+    latents = LatentBatches(dataset, pipe.vae, resolution, config.ced_batch_size, args.image_column, args.label_column,
                             num_classes=num_classes, cache_dir=args.latent_cache_dir,
                             skip_bad_images=args.skip_bad_images)
-    batches = shard_batches(repeat_batches(latents, args.num_samples), accelerator.process_index,
+    batches = shard_batches(repeat_batches(latents, config.ced_num_samples), accelerator.process_index,
                             accelerator.num_processes)
     objective = objective_for(model_type, transformer.config, pipe.scheduler)
 
@@ -297,22 +273,24 @@ def score_command(argv) -> int:
     def sum_over_processes(tensor):
         return accelerator.reduce(tensor.to(device), "sum").cpu() if accelerator.num_processes > 1 else tensor
 
-    result = score_blocks(args.method, transformer, objective, batches, args.num_samples, seed=args.seed,
-                          ced_options=options, prefix_cache=not args.no_prefix_cache,
+    result = score_blocks(config.ranking, transformer, objective, batches, config.ced_num_samples,
+                          seed=config.ranking_seed, ced_options=config.ced_options,
+                          prefix_cache=not args.no_prefix_cache,
                           progress=accelerator.is_local_main_process, reduce=sum_over_processes,
                           process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                          num_to_prune=args.num_prune, learned_options=args.learned_options)
+                          num_to_prune=num_to_prune, learned_options=config.learned_options)
     scores = result.to_dict()
     scores.update(pretrained_model_name_or_path=source_name, model_type=model_type,
                   dataset=dataset_label, split=args.split, resolution=resolution, class_mapping=class_mapping,
                   skipped_bad_images=latents.bad_images,
-                  seconds=round(time.time() - start, 2), device=str(device), num_processes=accelerator.num_processes)
+                  seconds=round(time.time() - start, 2), device=str(device), num_processes=accelerator.num_processes,
+                  config=config.to_dict())
     if accelerator.is_main_process:
         with staged_output_dir(args.output_dir, kind="scores", command="entprune score") as tmp:
             with open(os.path.join(tmp, "scores.json"), "w") as f:
                 json.dump(scores, f, indent=2)
             plot_scores(scores, os.path.join(tmp, "scores.png"))
-        print(f"{args.method}: least to most important {scores['ranking']} ({scores['seconds']} s)")
+        print(f"{config.ranking}: least to most important {scores['ranking']} ({scores['seconds']} s)")
         print(f"wrote {os.path.join(args.output_dir, 'scores.json')} and scores.png")
     # every process leaves together and closes the process group: a rank that exits while another still holds
     # the group open can abort ("terminate called without an active exception"), seen with gloo

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .randomness import sample_generator
+
 logger = logging.getLogger(__name__)
 
 
@@ -565,6 +567,39 @@ class LatentBatches:
             os.replace(tmp, self.cache_path)
 
 
+def load_labelled_dataset(dataset_name: str | None = None, train_data_dir: str | None = None, split: str = "train",
+                          dataset_config_name: str | None = None, streaming: bool = False,
+                          cache_dir: str | None = None, image_column: str = "image", label_column: str = "label",
+                          num_classes: int | None = None, id2label: dict | None = None,
+                          class_mapping_file: str | None = None, max_samples: int | None = None, log=print):
+    """The training data of a command, checked before any heavy work: `load_dataset_or_embedded`, its columns
+    (`check_columns`), the first ``max_samples`` rows, and every label made the model's class id (`prepare_labels`;
+    a bad label met at step 97 would cost the whole run). Returns (dataset, name for reports, class mapping)."""
+    dataset, name = load_dataset_or_embedded(dataset_name, train_data_dir, split, dataset_config_name, streaming,
+                                             cache_dir)
+    check_columns(dataset, image_column, label_column, num_classes)
+    if max_samples is not None:
+        dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
+    argument = "--dataset_name" if dataset_name is not None else "--train_data_dir"
+    dataset, mapping = prepare_labels(dataset, label_column, num_classes, id2label, class_mapping_file,
+                                      f"`{argument}`={name!r} (split {split!r})", log=log)
+    return dataset, name, mapping
+
+
+def calibration_batches(dataset, vae, resolution: int, num_samples: int, batch_size: int = 64,
+                        image_column: str = "image", label_column: str = "label", num_classes: int | None = None,
+                        cache_dir: str | None = None, skip_bad_images: bool = False) -> "LatentBatches":
+    """The calibration data of ranking and proxies: the VAE means (scaled) of the first ``num_samples`` images of
+    ``dataset``, as lazy `LatentBatches` (nothing is encoded until it is iterated). Shared by `EntPruner`'s callers
+    (examples/prune_dit.py), `entprune score` and the benchmarks, so that they all rank on the same latents."""
+    from datasets import IterableDataset
+
+    subset = dataset.take(num_samples) if isinstance(dataset, IterableDataset) else \
+        dataset.select(range(min(num_samples, len(dataset))))
+    return LatentBatches(subset, vae, resolution, batch_size, image_column, label_column, num_classes=num_classes,
+                         latent_sampling="mean", cache_dir=cache_dir, skip_bad_images=skip_bad_images)
+
+
 def repeat_batches(batches, num_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Pass over ``batches`` (re-iterable) as often as needed to yield ``num_samples`` samples.
 
@@ -586,25 +621,15 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def shard_batches(batches, process_index: int, num_processes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's share of a stream of batches: global samples p, p + P, p + 2P, ... (matching the draws of
-    `diffusers_entprune.importance.draws.fixed_draws`), whatever the batch boundaries."""
-    offset = 0
-    for latents, labels in batches:
-        first = (process_index - offset) % num_processes
-        if first < len(latents):
-            yield latents[first::num_processes], labels[first::num_processes]
-        offset += len(latents)
-
-
 class ShuffledShardSampler(torch.utils.data.Sampler):
     """Endless dataset indices for training, exactly reproducible from a position (for resuming).
 
-    The global stream is epoch 0's permutation, then epoch 1's, ... (epoch e seeded by (seed, e)); process p of P
-    takes the stream's positions p, p + P, p + 2P, ... So P processes with batches of B / P together read, step by
-    step, the images one process with batches of B reads, whatever the dataset size. ``start`` skips that many of
-    this process's indices without materialising them, so a resumed run sees the same images in the same order as
-    an uninterrupted one, under any number of processes for the same global batch.
+    The global stream is epoch 0's permutation, then epoch 1's, ... (epoch e keyed (seed, e) in
+    `diffusers_entprune.randomness.sample_generator`); process p of P takes the stream's positions p, p + P, ...
+    So P processes with batches of B / P together read, step by step, the images one process with batches of B
+    reads, whatever the dataset size. ``start`` skips that many of this process's indices without materialising
+    them, so a resumed run sees the same images in the same order as an uninterrupted one, under any number of
+    processes for the same global batch.
     """
 
     def __init__(self, dataset_size: int, seed: int = 0, process_index: int = 0, num_processes: int = 1,
@@ -615,8 +640,7 @@ class ShuffledShardSampler(torch.utils.data.Sampler):
         self.process_index, self.num_processes = process_index, num_processes
 
     def _permutation(self, epoch: int) -> list[int]:
-        state = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
-        return torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(int(state))).tolist()
+        return torch.randperm(self.dataset_size, generator=sample_generator(self.seed, epoch)).tolist()
 
     def __iter__(self):
         position = self.start * self.num_processes + self.process_index  # in the global stream

@@ -408,3 +408,93 @@ class Distiller:
         report = self.report()
         self.teacher = None
         return report
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+DISTILLATION_FLAGS = ("distill_output_weight", "distill_feature_weight", "distill_feature_decay_steps",
+                      "distill_mask_sigma", "teacher_model_name_or_path")
+
+
+def add_distillation_arguments(parser) -> None:
+    """The ``--distill_*`` flags of examples/prune_dit.py. They default to None: a run without distillation records
+    the same settings as before distillation existed, so its checkpoints resume under either version."""
+    group = parser.add_argument_group(
+        "knowledge distillation (diffusers_entprune/distillation.py; off by default): loss = (1 - w) * ground truth "
+        "+ w * output KD + beta * hidden-state KD, beta decaying linearly from --distill_feature_weight to 0")
+    group.add_argument("--distill_output_weight", type=float, default=None,
+                       help="w in [0, 1]: the share of the output-distillation term (the student regresses the "
+                            "teacher's output, learned-variance channels included; SiT: the velocity). Default 0: off.")
+    group.add_argument("--distill_feature_weight", type=float, default=None,
+                       help="beta0 >= 0: initial weight of the hidden-state term (after each kept block, matched to "
+                            "the teacher's block of the same original index, outliers masked). Default 0: off.")
+    group.add_argument("--distill_feature_decay_steps", type=int, default=None,
+                       help="beta decays linearly to 0 over this many steps (0: no decay). Default: "
+                            "--max_train_steps, so it guides the student while blocks leave it and is gone by the "
+                            "end; give it explicitly to let a resumed run grow --max_train_steps.")
+    group.add_argument("--distill_mask_sigma", type=float, default=None,
+                       help="Leave out of the hidden-state term the teacher's elements farther than this many "
+                            "standard deviations from their sample's mean (DiT's massive activations, which make "
+                            "unmasked feature KD diverge). Default 2.0; 0: no mask.")
+    group.add_argument("--teacher_model_name_or_path", default=None,
+                       help="The teacher: a DiT/SiT pipeline folder or Hub id of the student's architecture. "
+                            "Default: the source model, frozen before any pruning. Recommended: the output of a "
+                            "--fine_tune_only run on the same data; a teacher that never saw the downstream data "
+                            "pulls the student toward the pretraining distribution.")
+
+
+def distillation_config_from_args(args, error) -> DistillationConfig | None:
+    """Check the ``--distill_*`` flags, fill in their defaults in ``args`` (so the run records what it used) and
+    return the config, or None without distillation (then the flags all stay None). ``error``: e.g. parser.error."""
+    flags = {name: f"--distill_{name}" for name in ("output_weight", "feature_weight", "feature_decay_steps",
+                                                    "mask_sigma")}
+    try:
+        check_distillation_settings(args.distill_output_weight or 0.0, args.distill_feature_weight or 0.0,
+                                    args.distill_feature_decay_steps or 0,
+                                    2.0 if args.distill_mask_sigma is None else args.distill_mask_sigma, flags)
+    except ValueError as bad:
+        error(str(bad))
+    feature = (args.distill_feature_weight or 0.0) > 0
+    if not (args.distill_output_weight or 0.0) > 0 and not feature:
+        given = [f"--{name}" for name in DISTILLATION_FLAGS[2:] if getattr(args, name) is not None]
+        if given:
+            error(f"{', '.join(given)} set without distillation; pass --distill_output_weight or "
+                  "--distill_feature_weight (> 0), or drop them.")
+        args.distill_output_weight = args.distill_feature_weight = None  # an explicit 0 is "off" too
+        return None
+    args.distill_output_weight = args.distill_output_weight or 0.0
+    args.distill_feature_weight = args.distill_feature_weight or 0.0
+    if not feature:
+        given = [f"--{name}" for name in DISTILLATION_FLAGS[2:4] if getattr(args, name) is not None]
+        if given:
+            error(f"{', '.join(given)} shape the hidden-state term, which is off; pass --distill_feature_weight "
+                  "(> 0), or drop them.")
+    else:
+        if args.distill_feature_decay_steps is None:
+            args.distill_feature_decay_steps = args.max_train_steps
+        if args.distill_mask_sigma is None:
+            args.distill_mask_sigma = 2.0
+    return DistillationConfig(output_weight=args.distill_output_weight, feature_weight=args.distill_feature_weight,
+                              feature_decay_steps=args.distill_feature_decay_steps or 0,
+                              mask_sigma=2.0 if args.distill_mask_sigma is None else args.distill_mask_sigma)
+
+
+def check_teacher(path: str, model_type: str, student_source: str, student_revision: str | None = None,
+                  features: bool = False, argument: str = "--teacher_model_name_or_path") -> None:
+    """Before any heavy work: the teacher at ``path`` must be a DiT/SiT pipeline of the student's family whose
+    transformer fits the student's (same latents, patches and classes; for the hidden-state term also width,
+    original depth and a block in common). The default teacher, the source model itself, fits by construction."""
+    from .model_types import detect_model_type
+    from .models.entpruned_transformer_2d import check_dit_config
+
+    teacher_type = detect_model_type(path, argument=argument)
+    if teacher_type != model_type:
+        raise ValueError(f"`{argument}`={path!r} is a {teacher_type} pipeline, but the student is a {model_type} "
+                         f"({student_source}): a teacher must predict what the student predicts. Pass a {model_type} "
+                         "pipeline folder.")
+    teacher_config = EntPrunedTransformer2DModel.load_config(path, subfolder="transformer")
+    check_dit_config(teacher_config, argument=argument, source=path)
+    student_config = EntPrunedTransformer2DModel.load_config(student_source, subfolder="transformer",
+                                                             revision=student_revision)
+    check_teacher_config(teacher_config, student_config, features=features, argument=argument,
+                         teacher_name=f"the teacher {path!r}")

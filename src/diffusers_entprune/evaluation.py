@@ -2,8 +2,9 @@
 Inception Score, sFID, class fidelity, latency, parameters and FLOPs, with every setting that the numbers depend on.
 
 Samples are reproducible and independent of the number of processes: sample i has class ``labels[i]`` and its own
-generator seeded with ``seed + i``; process p makes the samples i = p, p + P, ...; features are gathered and put
-back in sample order before any metric is computed, so one process and several give the same matrices.
+generator seeded with ``seed + i``; process p makes the samples i = p, p + P, ... (see
+`diffusers_entprune.randomness`); features are gathered and put back in sample order before any metric is
+computed, so one process and several give the same matrices.
 """
 
 import datetime
@@ -13,11 +14,8 @@ import time
 import torch
 
 from .metrics import Features, frechet_distance, inception_score, kernel_distance, precision_recall
+from .randomness import image_generators, shard_indices
 from .speed import synchronize, transformer_flops
-
-
-def shard_indices(num_items: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
-    return list(range(process_index, num_items, num_processes))
 
 
 def balanced_labels(classes: list[int], num_samples: int) -> list[int]:
@@ -38,7 +36,7 @@ def generate_images(pipe, labels: list[int], indices: list[int], seed: int = 0, 
     chunks = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
     images = []
     for chunk in tqdm(chunks, desc="sampling", disable=not progress):
-        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        generators = image_generators(seed, chunk)
         output = pipe(class_labels=[labels[i] for i in chunk], guidance_scale=guidance_scale,
                       num_inference_steps=num_inference_steps, generator=generators, output_type="np",
                       **call_kwargs).images  # DiTPipeline gives numpy for every output_type but "pil"

@@ -2,7 +2,7 @@
 
 Each objective draws (x_t, t, target) from clean latents and noise (`add_noise`), maps fractions of its time range
 to the timesteps the model takes (`timesteps_from_fraction`), names the output channels that are "the prediction"
-(`prediction`) and gives the per-sample training loss (`loss`).
+(`prediction`) and gives the per-sample training loss (`loss`); `Objective` is that interface, as a type.
 
 `DiffusionObjective` is DiT's: DDPM forward noising with the betas of the pipeline's scheduler, epsilon
 prediction, and, when the transformer has learned sigma (``out_channels == 2 * in_channels``), the variance
@@ -12,6 +12,7 @@ channels trained by the variational bound with the mean detached (Improved DDPM'
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -23,6 +24,77 @@ class NoisedBatch:
     noisy: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
+
+
+class Objective(Protocol):
+    """What the pruning code needs of a training objective; `DiffusionObjective` and `FlowObjective` provide it.
+
+    Time is the objective's own: integer DDPM steps for `DiffusionObjective`, ``t`` in [0, 1] for `FlowObjective`.
+    Code that must not depend on which (the importance draws, the training loop) draws fractions of the time range
+    and converts them with `timesteps_from_fraction`.
+    """
+
+    def timesteps_from_fraction(self, fractions: torch.Tensor) -> torch.Tensor:
+        """Map fractions of the training time range to the timesteps the model takes.
+
+        Args:
+            fractions (`torch.Tensor`): fractions in [0, 1], shape (B,), usually float64.
+
+        Returns:
+            `torch.Tensor`: timesteps of shape (B,), in the model's convention.
+        """
+        ...
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
+                         device=None) -> torch.Tensor:
+        """Draw ``batch_size`` timesteps uniformly over the training time range.
+
+        Args:
+            batch_size (`int`): how many timesteps.
+            generator (`torch.Generator`, *optional*): the generator to draw with.
+            device (`torch.device`, *optional*): where to put them.
+
+        Returns:
+            `torch.Tensor`: timesteps of shape (B,).
+        """
+        ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, /) -> NoisedBatch:
+        """Run the forward process: clean latents and noise at ``timesteps`` -> the model input and its target.
+
+        Args:
+            x0 (`torch.Tensor`): clean latents (B, C, H, W) (`FlowObjective` names them ``x1``).
+            noise (`torch.Tensor`): standard normal noise of the same shape and dtype.
+            timesteps (`torch.Tensor`): timesteps (B,), e.g. from `timesteps_from_fraction`.
+
+        Returns:
+            `NoisedBatch`: the noisy input, its timesteps and the regression target.
+        """
+        ...
+
+    def prediction(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The channels of the model output that are "the prediction" (learned-sigma channels split off).
+
+        Args:
+            model_output (`torch.Tensor`): the transformer's output (B, C_out, H, W).
+
+        Returns:
+            `torch.Tensor`: the prediction (B, C, H, W), compared with `NoisedBatch.target`.
+        """
+        ...
+
+    def loss(self, model_output: torch.Tensor, x0: torch.Tensor, batch: NoisedBatch, /) -> torch.Tensor:
+        """The per-sample training loss (arguments by position: the objectives name the clean latents apart).
+
+        Args:
+            model_output (`torch.Tensor`): the transformer's output (B, C_out, H, W) for ``batch.noisy``.
+            x0 (`torch.Tensor`): the clean latents that ``batch`` was drawn from.
+            batch (`NoisedBatch`): the draw of `add_noise`.
+
+        Returns:
+            `torch.Tensor`: the loss of each sample, shape (B,).
+        """
+        ...
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

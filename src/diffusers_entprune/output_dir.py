@@ -14,6 +14,9 @@ The rules, the same for the pruning script, every ``entprune`` command and the P
 - `OutputDirLock`: a long run holds an exclusive lock on its folder for its lifetime, so that a second run started
   in the same folder is refused instead of mixing its files with the first one's; the lock of a process that died
   is taken over with a message (the operating system releases a dead process's lock).
+- Every folder the package writes is written under a temporary name and put in place by `replace_folder` (or, for
+  a pipeline moved beside a run's checkpoints, `move_into`), so that an interrupted write never leaves a
+  half-written folder under the final name.
 """
 
 import contextlib
@@ -215,15 +218,92 @@ def staged_output_dir(output_dir: str, kind: str = "pipeline", command: str = "d
                 raise FileExistsError(f"{output_dir!r} received files from elsewhere while this command ran "
                                       f"({', '.join(foreign[:5])}); it was left untouched and the new output is in "
                                       f"{tmp!r}.")
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "previous"))
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        replace_folder(tmp, output_dir)
     finally:
         if not keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def replace_folder(staging: str, final: str) -> None:
+    """Put the finished ``staging`` (a folder, or a file) in place under the name ``final``, replacing what is there.
+
+    ``staging`` must be on the filesystem of ``final`` (beside it, or inside the folder that holds it): the new
+    content arrives by one `os.replace`, so ``final`` is never a half-written folder. A file replacing a file is
+    atomic. When ``final`` is a folder (or either is one), the old ``final`` is first renamed aside, into a fresh
+    folder beside ``staging`` (``<staging>.old-XXXX/old``), then ``staging`` is renamed to ``final``, then the old
+    copy is deleted.
+
+    Crash window: a process killed between those two renames leaves no ``final``; the old content is then in
+    ``<staging>.old-XXXX/old`` and the new one still in ``staging``, both under names that start like ``staging``
+    (so whatever removes an interrupted ``staging`` removes them too: e.g. `remove_stale_staging` for
+    ``.checkpoint-N.tmp``). Nothing is ever deleted before the new content is in place.
+
+    Fault injection: this function calls ``os.replace`` through this module's ``os`` (``diffusers_entprune.
+    output_dir.os``), twice when ``final`` exists: first ``(final, <aside>)``, then ``(staging, final)``. A test that
+    sets ``diffusers_entprune.output_dir.os`` to a proxy of `os` whose ``replace`` kills the process right after the
+    call whose source is ``final`` stops it exactly inside the crash window (`move_into` goes through here too).
+    """
+    aside = None
+    if os.path.lexists(final) and (os.path.isdir(staging) or (os.path.isdir(final) and not os.path.islink(final))):
+        staging_abs = os.path.abspath(staging)
+        aside = tempfile.mkdtemp(prefix=f"{os.path.basename(staging_abs)}.old-", dir=os.path.dirname(staging_abs))
+        os.replace(final, os.path.join(aside, "old"))
+    os.replace(staging, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def move_into(staging_folder: str, output_dir: str, last: tuple = ("model_index.json",),
+              skip: tuple = (MARKER_NAME,)) -> list[str]:
+    """Move every entry of ``staging_folder`` into ``output_dir`` (each through `replace_folder`), leaving the other
+    entries of ``output_dir`` alone: for a pipeline exported into a training run's folder, beside its checkpoints.
+
+    The entries named in ``last`` are removed from ``output_dir`` before anything moves and are moved in last, in
+    that order: a crash mid-move leaves no ``model_index.json`` beside a half-replaced model, so nothing loads it
+    as finished. The others move in name order; those named in ``skip`` stay behind. ``staging_folder`` must be on
+    the filesystem of ``output_dir`` (e.g. a hidden folder inside it). Returns the paths moved into place.
+
+    Fault injection: as `replace_folder` (patch ``diffusers_entprune.output_dir.os``; each entry arrives by an
+    ``os.replace(<staging entry>, <output_dir entry>)``).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    for name in last:
+        target = os.path.join(output_dir, name)
+        if os.path.lexists(target):
+            _remove(target)
+    names = [n for n in os.listdir(staging_folder) if n not in skip]
+    order = sorted(n for n in names if n not in last) + [n for n in last if n in names]
+    moved = []
+    for name in order:
+        target = os.path.join(output_dir, name)
+        replace_folder(os.path.join(staging_folder, name), target)
+        moved.append(target)
+    return moved
+
+
+def lock_output_dir(accelerator, output_dir: str, command: str, argument: str = "--output_dir"):
+    """The main process takes ``output_dir``'s `OutputDirLock` for the run's lifetime (the caller releases it); every
+    process learns if it could not, and then all raise the same `OutputDirLockedError`. Returns the lock on the main
+    process, None on the others."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = OutputDirLock(output_dir, argument=argument, command=command).acquire()
+        except OutputDirLockedError as refused:
+            error = str(refused)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [error]
+        broadcast_object_list(box)
+        error = box[0]
+    if error is not None:
+        raise OutputDirLockedError(error)
+    return lock
 
 
 def check_not_locked(output_dir: str, argument: str = "output_dir") -> None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import logging
 
+from .objectives import Objective
+
 logger = logging.get_logger(__name__)
 
 ZICO_REDUCTIONS = ("sum", "mean")
@@ -81,7 +83,7 @@ def _scoring(model, indices: list[int]):
             module.training = training
 
 
-def _noised(objective, latents: torch.Tensor, generator: torch.Generator, device):
+def _noised(objective: Objective, latents: torch.Tensor, generator: torch.Generator, device):
     """One seeded draw for a batch of clean latents (the module docstring gives the order)."""
     timesteps = objective.sample_timesteps(len(latents), generator=generator).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device=device, dtype=latents.dtype)
@@ -111,7 +113,7 @@ def _check_batch(model, latents, labels, argument: str):
 # ---------------------------------------------------------------------------------------------------- NTK
 
 
-def ntk_condition_number(model, objective, latents: torch.Tensor, labels: torch.Tensor,
+def ntk_condition_number(model, objective: Objective, latents: torch.Tensor, labels: torch.Tensor,
                          skip_blocks: Sequence[int] = (), seed: int = 0) -> float:
     """Condition number lambda_max / lambda_min of the empirical NTK of the prediction, with ``skip_blocks`` skipped.
 
@@ -180,15 +182,15 @@ def _condition_number(rows: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------- ZiCo
 
 
-def zico_from_gradients(gradients: dict[str, list[torch.Tensor]], reduction: str = "sum") -> float:
+def zico_from_gradients(gradients: dict[str, list[torch.Tensor]], reduction: str = "mean") -> float:
     """ZiCo from per-layer gradients over D >= 2 mini-batches: ``{layer_name: [g_batch1, ..., g_batchD]}``.
 
     Per element: mean over batches of |g|, and the population std over batches (``unbiased=False``). Per layer:
     ``log(sum over elements with std > 0 of mean|g| / std)``; "std > 0" is tested exactly (the D values are not all
     equal), so float rounding of the mean of identical values cannot create a spurious tiny std. Layers where no
-    element varies are left out. Layers are combined by ``"sum"`` (ZiCo's definition) or ``"mean"`` (the per-layer
-    average: less biased towards deeper networks, which have more terms). Computed in float64. ``-math.inf`` when
-    no layer contributes.
+    element varies are left out. Layers are combined by ``"mean"`` (the per-layer average, the default, as
+    `EntPrunerConfig.zico_reduction`: less biased towards deeper networks, which have more terms) or ``"sum"`` (ZiCo's
+    definition). Computed in float64. ``-math.inf`` when no layer contributes.
     """
     if reduction not in ZICO_REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {ZICO_REDUCTIONS}, got {reduction!r}.")
@@ -213,7 +215,7 @@ def zico_from_gradients(gradients: dict[str, list[torch.Tensor]], reduction: str
     return math.fsum(values) / (len(values) if reduction == "mean" else 1)
 
 
-def _zico_gradients(model, objective, batches, seed: int) -> dict[str, list[torch.Tensor]]:
+def _zico_gradients(model, objective: Objective, batches, seed: int) -> dict[str, list[torch.Tensor]]:
     # ZiCo is defined on layer weights: those of every Linear and Conv2d (named_modules lists shared modules once)
     layers = _trainable((name, module.weight) for name, module in model.named_modules()
                         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)))
@@ -229,8 +231,8 @@ def _zico_gradients(model, objective, batches, seed: int) -> dict[str, list[torc
     return gradients
 
 
-def zico(model, objective, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], skip_blocks: Sequence[int] = (),
-         seed: int = 0, reduction: str = "sum") -> float:
+def zico(model, objective: Objective, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+         skip_blocks: Sequence[int] = (), seed: int = 0, reduction: str = "mean") -> float:
     """ZiCo of the model with ``skip_blocks`` skipped, over D = ``len(batches)`` >= 2 mini-batches.
 
     For each (latents, labels) batch: seeded noise (one generator continued through the batches), the batch loss
@@ -253,9 +255,10 @@ def zico(model, objective, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
 # ---------------------------------------------------------------------------------------------------- candidates
 
 
-def score_candidates(model, objective, candidates: list[list[int]], ntk_batch: tuple[torch.Tensor, torch.Tensor],
+def score_candidates(model, objective: Objective, candidates: list[list[int]],
+                     ntk_batch: tuple[torch.Tensor, torch.Tensor],
                      zico_batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0,
-                     zico_reduction: str = "sum", progress: bool = False) -> list[ProxyScores]:
+                     zico_reduction: str = "mean", progress: bool = False) -> list[ProxyScores]:
     """Both proxies for every candidate (a list of original block indices to skip; ``[]`` = drop nothing).
 
     Every candidate gets the same ``seed``, hence the same noise and timesteps (common random numbers), so

@@ -39,7 +39,10 @@ SCHEDULES_INDEPENDENT_OF_LENGTH = ("constant", "constant_with_warmup")
 APPLIED_FROM_RESUME = frozenset({"learning_rate", "max_grad_norm"})
 # Settings added after checkpoints began to record their run, with the value that reproduces what runs did before
 # them: a record without the setting is the same run exactly when the setting has that value now.
-INTRODUCED_SETTINGS = {"ced_estimator": "entropy", "ced_signal": "prediction"}
+INTRODUCED_SETTINGS = {"ced_estimator": "entropy", "ced_signal": "prediction",
+                       # EntPrunerConfig's CED options that only `entprune score` had before
+                       "ced_per_class": True, "ced_signed": False, "ced_timestep_range": [0.0, 1.0],
+                       "ced_num_timestep_buckets": 4}
 # Not part of the record: how this invocation found the run, not what the run is.
 NOT_RECORDED = frozenset({"output_dir", "overwrite_output_dir", "resume_from_checkpoint"})
 
@@ -162,3 +165,19 @@ def compare_run_identity(saved: dict, current: dict, checkpoint: str) -> dict:
             f"this command's:\n  {lines}\nA resumed run must be the run its report describes. Resume with the "
             "checkpoint's settings (the old values above), or start a new run in another `--output_dir`.")
     return allowed
+
+
+def resume_run_identity(identity: dict, saved: dict, checkpoint: str) -> dict:
+    """Resume ``identity`` (this command's record) from a checkpoint's saved state: refuse what changes the result
+    (`compare_run_identity`), carry over the earlier resumes and add this one to ``identity["resumes"]``. Returns the
+    allowed changes, {setting: [old, new]}. A checkpoint older than these records is accepted with a warning."""
+    if "run_identity" not in saved:
+        logger.warning(f"{checkpoint!r} was written before checkpoints recorded their run's settings: they cannot be "
+                       "compared with this command's. Make sure they are the same.")
+        return {}
+    changed = compare_run_identity(saved["run_identity"], identity, checkpoint)
+    identity["resumes"] = saved["run_identity"].get("resumes", []) + [
+        {"step": saved["global_step"], "checkpoint": os.path.abspath(checkpoint), "changed": changed}]
+    for name, (old, new) in changed.items():
+        logger.info(f"Resuming with --{name} changed: {old!r} -> {new!r}")
+    return changed

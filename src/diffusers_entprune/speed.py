@@ -86,3 +86,29 @@ def compare_sampling_speed(original_pipe, pruned_pipe, class_labels: list[int], 
         "original_seconds": original, "pruned_seconds": pruned, "speedup": original / pruned,
         "flops_original": flops_original, "flops_pruned": flops_pruned, "flops_ratio": flops_original / flops_pruned,
     }
+
+
+class StageTimer:
+    """Training-step wall times, summarised per pruning stage (``train_step_seconds_by_stage`` of the report):
+    `start` before a step, `stop` after its update (so checkpoints, validation and pruning stages are left out),
+    `close` when the model changes. Each stage's median skips its first 3 steps (warm-up, allocator)."""
+
+    def __init__(self, stages: list | None = None):
+        self.stages = list(stages or [])  # restored from a checkpoint
+        self._times: list[float] = []
+        self._start = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        seconds = time.perf_counter() - self._start
+        self._times.append(seconds)
+        return seconds
+
+    def close(self, num_blocks: int) -> None:
+        if self._times:
+            settled = sorted(self._times[min(3, len(self._times) - 1):])
+            self.stages.append({"num_blocks": num_blocks, "steps": len(self._times),
+                                "median_step_seconds": settled[len(settled) // 2]})
+            self._times.clear()

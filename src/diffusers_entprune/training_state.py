@@ -6,6 +6,8 @@ only the entries of the removed parameters must go. Under several processes, Dis
 the old parameter list, so the model is wrapped again (`reprepare_model`).
 """
 
+import logging
+
 from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 
 
@@ -104,3 +106,20 @@ def set_base_learning_rate(lr_scheduler, learning_rate: float) -> None:
         group["initial_lr"] = learning_rate
         group["lr"] = learning_rate * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def check_processes_agree(accelerator, model) -> None:
+    """Every process must end with the same blocks and weights: pruning re-wraps DDP mid-training, and a process
+    that had stopped receiving its peers' gradients would drift silently. A no-op with one process."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        summary = torch.tensor([float(model.num_blocks)] + [p.double().sum().item() for p in model.parameters()],
+                               dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(summary[None]).cpu()
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError("The processes ended with different weights or blocks; the model was not kept in sync "
+                           "across processes. Please report this with your accelerate configuration.")
+    logging.getLogger(__name__).info(f"Blocks and weights agree across {accelerator.num_processes} processes.")

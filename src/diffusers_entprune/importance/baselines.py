@@ -16,6 +16,7 @@ so magnitude and Taylor leave it out.
 import torch
 import torch.nn.functional as F
 
+from ..objectives import Objective
 from .draws import fixed_draws
 from .result import ImportanceResult
 
@@ -54,14 +55,14 @@ def magnitude_scores(model) -> ImportanceResult:
     return ImportanceResult("magnitude", list(model.kept_block_indices), scores)
 
 
-def _loss(model, objective, draw, tokens=None) -> torch.Tensor:
+def _loss(model, objective: Objective, draw, tokens=None) -> torch.Tensor:
     t, y = draw.noised.timesteps, draw.labels
     tokens = model.embed(draw.noised.noisy.to(model.dtype)) if tokens is None else tokens
     output = model.head(model.run_blocks(tokens, t, y), t, y).float()
     return objective.loss(output, draw.latents.float(), draw.noised).sum()
 
 
-def taylor_scores(model, objective, batches, num_samples: int, seed: int = 0, timestep_range=(0.0, 1.0),
+def taylor_scores(model, objective: Objective, batches, num_samples: int, seed: int = 0, timestep_range=(0.0, 1.0),
                   progress: bool = False, reduce=None, process_index: int = 0, num_processes: int = 1):
     """|w * dL/dw| per block for the mean training loss over the draws. Uses (and clears) the model's `.grad`."""
     params = [own_parameters(block) for block in model.transformer_blocks]
@@ -90,8 +91,9 @@ def taylor_scores(model, objective, batches, num_samples: int, seed: int = 0, ti
 
 
 @torch.no_grad()
-def block_influence_scores(model, objective, batches, num_samples: int, seed: int = 0, timestep_range=(0.0, 1.0),
-                           progress: bool = False, reduce=None, process_index: int = 0, num_processes: int = 1):
+def block_influence_scores(model, objective: Objective, batches, num_samples: int, seed: int = 0,
+                           timestep_range=(0.0, 1.0), progress: bool = False, reduce=None, process_index: int = 0,
+                           num_processes: int = 1):
     totals = torch.zeros(model.num_blocks, dtype=torch.float64)
     tokens_seen = torch.zeros((), dtype=torch.float64)
     for draw in fixed_draws(model, objective, batches, num_samples, seed, timestep_range, process_index,
@@ -110,8 +112,9 @@ def block_influence_scores(model, objective, batches, num_samples: int, seed: in
 
 
 @torch.no_grad()
-def loss_ablation_scores(model, objective, batches, num_samples: int, seed: int = 0, timestep_range=(0.0, 1.0),
-                         progress: bool = False, reduce=None, process_index: int = 0, num_processes: int = 1):
+def loss_ablation_scores(model, objective: Objective, batches, num_samples: int, seed: int = 0,
+                         timestep_range=(0.0, 1.0), progress: bool = False, reduce=None, process_index: int = 0,
+                         num_processes: int = 1):
     totals = torch.zeros(model.num_blocks + 1, dtype=torch.float64)  # [full, skip block 0, skip block 1, ...]
     for draw in fixed_draws(model, objective, batches, num_samples, seed, timestep_range, process_index,
                             num_processes, progress_desc="loss ablation" if progress else None):

@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..objectives import Objective
 from .draws import fixed_draws
 from .result import ImportanceResult
 
@@ -272,7 +273,7 @@ def _block_outputs_naive(model, tokens, timesteps, labels):
 @torch.no_grad()
 def compute_ced(
     model,
-    objective,
+    objective: Objective,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_samples: int = 1024,
     options: CEDOptions | None = None,

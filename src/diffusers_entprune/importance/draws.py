@@ -3,16 +3,16 @@
 Sample j's timestep and noise come from a generator seeded with (seed, j), so every variant of the model (full,
 block i skipped) and every metric sees the same draws (common random numbers), the result does not depend on the
 batch size, and no memory grows with the number of samples. With several processes, process p takes samples
-p, p + P, p + 2P, ...
+p, p + P, p + 2P, ... (the conventions of `diffusers_entprune.randomness`).
 """
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ..objectives import NoisedBatch
+from ..objectives import NoisedBatch, Objective
+from ..randomness import sample_generator, shard_indices
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Draw:
     fractions: torch.Tensor  # t as a fraction of the training time range, float64
 
 
-def fixed_draws(model, objective, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_samples: int,
+def fixed_draws(model, objective: Objective, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_samples: int,
                 seed: int = 0, timestep_range: tuple[float, float] = (0.0, 1.0), process_index: int = 0,
                 num_processes: int = 1, progress_desc: str | None = None) -> Iterator[Draw]:
     """Yield `Draw`s over ``batches`` (clean latents, labels) until this process's share of ``num_samples``."""
@@ -36,13 +36,12 @@ def fixed_draws(model, objective, batches: Iterable[tuple[torch.Tensor, torch.Te
     device = next(model.parameters()).device
     low, high = timestep_range
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    mine = range(process_index, num_samples, num_processes)
+    mine = shard_indices(num_samples, process_index, num_processes)
 
     def draw_for(sample_indices):
         fractions, noise = [], []
         for j in sample_indices:
-            # torch seeds its CPU generator with 32 bits: mix (seed, j) into them
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+            generator = sample_generator(seed, j)  # untagged: see `diffusers_entprune.randomness`
             fractions.append(low + (high - low) * torch.rand(1, generator=generator, dtype=torch.float64))
             noise.append(torch.randn(latent_shape, generator=generator))
         return torch.cat(fractions), torch.stack(noise)

@@ -32,6 +32,15 @@ import numpy as np
 import torch
 
 from ..lora import DIT_LORA_TARGETS
+from ..objectives import Objective
+from ..randomness import (
+    LEARNED_GUMBEL_TAG,
+    LEARNED_LORA_TAG,
+    LEARNED_ORDER_TAG,
+    LEARNED_STEP_TAG,
+    sample_generator,
+    shard_indices,
+)
 from .result import ImportanceResult
 
 # A group of M blocks keeping N has C(M, N) masks, each with a logit: C(8, 4) = 70, C(12, 6) = 924.
@@ -233,7 +242,7 @@ def _lora_targets(model) -> list[torch.nn.Module]:
 
 def _collect_pool(batches, num_samples: int, process_index: int, num_processes: int):
     """This process's share of the first ``num_samples`` samples (global samples p, p + P, ...), as two tensors."""
-    needed = len(range(process_index, num_samples, num_processes))
+    needed = len(shard_indices(num_samples, process_index, num_processes))
     latents, labels, seen = [], [], 0
     for x, y in batches:
         take = min(len(x), needed - seen)
@@ -248,23 +257,19 @@ def _collect_pool(batches, num_samples: int, process_index: int, num_processes: 
     return torch.cat(latents), torch.cat(labels)
 
 
-def _generator(*entropy) -> torch.Generator:
-    # torch seeds its CPU generator with 32 bits: mix the entropy into them (as `draws.fixed_draws` does)
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1)[0]))
-
-
 def _global_batches(num_samples: int, batch_size: int, seed: int):
-    """Endless global sample indices in batches: epoch e is a permutation seeded by (seed, e), read in order."""
+    """Endless global sample indices in batches: epoch e is a permutation keyed (seed, 1, e), read in order."""
     epoch, stream = 0, torch.empty(0, dtype=torch.long)
     while True:
         while len(stream) < batch_size:
-            stream = torch.cat([stream, torch.randperm(num_samples, generator=_generator(seed, 1, epoch))])
+            order = torch.randperm(num_samples, generator=sample_generator(seed, LEARNED_ORDER_TAG, epoch))
+            stream = torch.cat([stream, order])
             epoch += 1
         yield stream[:batch_size]
         stream = stream[batch_size:]
 
 
-def learned_scores(model, objective, batches, num_samples: int, num_to_prune: int, seed: int = 0,
+def learned_scores(model, objective: Objective, batches, num_samples: int, num_to_prune: int, seed: int = 0,
                    options: LearnedRankingOptions | None = None, timestep_range=(0.0, 1.0), progress: bool = False,
                    reduce=None, process_index: int = 0, num_processes: int = 1) -> LearnedRankingResult:
     """Learn which ``num_to_prune`` of the model's present blocks to remove; see the module docstring.
@@ -335,10 +340,11 @@ def learned_scores(model, objective, batches, num_samples: int, num_to_prune: in
                          "check `resolution` and the VAE.")
     low, high = timestep_range
     batch_indices = _global_batches(num_samples, options.batch_size, seed)
-    gumbel_generator = _generator(seed, 2)  # the same on every process: one sampled mask everywhere
+    # the same on every process: one sampled mask everywhere
+    gumbel_generator = sample_generator(seed, LEARNED_GUMBEL_TAG)
 
-    hooks = _LoRAHooks(_lora_targets(model), options.lora_rank, _generator(seed, 3), device) if options.use_lora \
-        else None
+    hooks = _LoRAHooks(_lora_targets(model), options.lora_rank, sample_generator(seed, LEARNED_LORA_TAG), device) \
+        if options.use_lora else None
     parameters = list(logits) + (hooks.params if hooks else [])
     param_groups = [{"params": list(logits), "lr": options.gate_learning_rate}]
     if hooks:
@@ -371,7 +377,7 @@ def learned_scores(model, objective, batches, num_samples: int, num_to_prune: in
 
             # ---- this process's part of the step's global batch, with seeded timesteps and noise
             indices = next(batch_indices)
-            draw_generator = _generator(seed, 4, step)
+            draw_generator = sample_generator(seed, LEARNED_STEP_TAG, step)
             fractions = low + (high - low) * torch.rand(len(indices), generator=draw_generator, dtype=torch.float64)
             noise = torch.randn(len(indices), *latent_shape, generator=draw_generator)
             mine = (indices % num_processes) == process_index
@@ -442,7 +448,7 @@ def learned_scores(model, objective, batches, num_samples: int, num_to_prune: in
         seconds=round(seconds, 3))
 
 
-def _gated_loss(model, objective, x0, labels, noised, gates, masks) -> torch.Tensor:
+def _gated_loss(model, objective: Objective, x0, labels, noised, gates, masks) -> torch.Tensor:
     """Sum over the samples of the objective's loss of the model with block i's residual update scaled by gates[i].
 
     A block whose gate cannot change (its group has a single mask) and is 0 is not run at all."""

@@ -1,5 +1,6 @@
 """One entry point for every block-ranking method, so the command line and the pruning script rank alike."""
 
+from ..objectives import Objective
 from .baselines import (
     BASELINE_METHODS,
     block_influence_scores,
@@ -17,7 +18,7 @@ RANKING_METHODS = ("ced", *BASELINE_METHODS, "learned")
 TARGET_AWARE_METHODS = ("uniform", "learned")
 
 
-def score_blocks(method: str, model, objective, batches, num_samples: int, seed: int = 0,
+def score_blocks(method: str, model, objective: Objective, batches, num_samples: int, seed: int = 0,
                  ced_options: CEDOptions | None = None, prefix_cache: bool = True, progress: bool = False,
                  reduce=None, process_index: int = 0, num_processes: int = 1, num_to_prune: int | None = None,
                  learned_options: LearnedRankingOptions | None = None):
