@@ -16,6 +16,7 @@ that --resume_from_checkpoint latest continues from. SIGTERM (preemption) saves 
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import tempfile
@@ -431,19 +432,18 @@ def train(args, accelerator, resume_path, continuing):
     accelerator.wait_for_everyone()
     check_processes_agree(accelerator, transformer)  # pruning re-wrapped DDP: no process may have drifted
     bad_images.merge(accelerator)  # every process's
-    report = {"source": args.source_name, "dataset": dataset_name, "model_type": args.model_type, **pruner.report(),
-              "train_step_seconds_by_stage": timer.stages,
-              "class_mapping": class_mapping,  # dataset class -> model class id (`prepare_labels`)
-              "skipped_bad_images": bad_images.report(),  # unreadable images replaced (--skip_bad_images)
-              # what the run was made of; a resumed run lists each resume and the settings that changed
-              "run_identity": {k: identity[k] for k in ("source_weights_sha256", "dataset", "resumes")},
-              "training": {k: getattr(args, k) for k in ("max_train_steps", "train_batch_size", "learning_rate",
-                                                         "lr_scheduler", "use_ema", "use_lora", "mixed_precision",
-                                                         "class_dropout_prob", "seed")}}
-    report["pruned_by"].update(train_steps=args.max_train_steps, dataset=dataset_name)  # for the model card
+    report = dataclasses.replace(
+        pruner.report(), source=args.source_name, dataset=dataset_name, train_step_seconds_by_stage=timer.stages,
+        class_mapping=class_mapping, skipped_bad_images=bad_images.report(),  # dataset class -> model class id
+        # what the run was made of; a resumed run lists each resume and the settings that changed
+        run_identity={k: identity[k] for k in ("source_weights_sha256", "dataset", "resumes")},
+        training={k: getattr(args, k) for k in ("max_train_steps", "train_batch_size", "learning_rate", "seed",
+                                                "lr_scheduler", "use_ema", "use_lora", "mixed_precision",
+                                                "class_dropout_prob")})
+    report.pruned_by.update(train_steps=args.max_train_steps, dataset=dataset_name)  # for the model card
     if distiller is not None:  # its config and the teacher's cost; the teacher's memory is freed before the export
-        report["distillation"] = {"teacher": args.teacher_model_name_or_path or f"{args.source_name} (the source "
-                                  "model)", "teacher_weights_sha256": teacher_fingerprint, **distiller.finish()}
+        report.distillation = {"teacher": args.teacher_model_name_or_path or f"{args.source_name} (the source "
+                               "model)", "teacher_weights_sha256": teacher_fingerprint, **distiller.finish()}
     if accelerator.is_main_process:
         # without accelerate's autocast forward: the speed comparison and the samples run both models alike
         final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -504,20 +504,20 @@ def export(args, transformer, vae, scheduler, id2label, report, device):
         for p in pipes:
             p.set_progress_bar_config(disable=True)
         labels = args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
-        report["sampling_speed"] = compare_sampling_speed(
+        report.sampling_speed = compare_sampling_speed(
             *pipes, [labels[i % len(labels)] for i in range(args.speed_batch_size)], args.num_inference_steps,
             args.guidance_scale, repeats=args.speed_repeats,
             **({"sampler": args.sampler} if args.model_type == "sit" else {}))
-        logger.info(f"Sampling speedup {report['sampling_speed']['speedup']:.2f}x "
-                    f"(FLOPs ratio {report['sampling_speed']['flops_ratio']:.2f}x)")
+        logger.info(f"Sampling speedup {report.sampling_speed['speedup']:.2f}x "
+                    f"(FLOPs ratio {report.sampling_speed['flops_ratio']:.2f}x)")
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     with tempfile.TemporaryDirectory(prefix=".export-", dir=args.output_dir) as staging:
         folder = os.path.join(staging, "pipeline")
         save_pruned_pipeline(folder, transformer, vae, scheduler, id2label=id2label, report=report,
                              dtype=torch.float16 if args.save_fp16 else None,
                              repo_id=repo_id if args.push_to_hub else None, model_type=args.model_type, title=repo_id)
-        if any(stage["ced_scores"] for stage in report["stages"]):  # not with --fine_tune_only
-            plot_stage_scores(report["stages"], transformer.original_num_layers, os.path.join(folder, "ced.png"))
+        if any(stage["ced_scores"] for stage in report.stages):  # not with --fine_tune_only
+            plot_stage_scores(report.stages, transformer.original_num_layers, os.path.join(folder, "ced.png"))
         before, _ = sample_images(original, vae, scheduler, args)
         after, _ = sample_images(transformer, vae, scheduler, args)
         sample_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))

@@ -141,3 +141,28 @@ def test_report_counts_parameters_as_saved_and_as_the_original_dit_counts(tmp_pa
     saved = DiTPipeline.from_pretrained(tmp_path / "out").transformer
     assert report["transformer_parameters"] == sum(p.numel() for p in saved.parameters())
     assert report["transformer_parameters_one_embedder"] == sum(p.numel() for p in model.parameters())  # tied
+
+
+def test_the_report_is_one_schema_from_pruner_to_model_card(tmp_path):
+    """`PruningReport` round-trips entprune_report.json (unknown keys kept), its set fields win when merged onto the
+    saved model's part, and the model card reads the same object."""
+    from diffusers_entprune import PruningReport
+
+    stages = [{"stage": 0, "step": 0, "ced_scores": {"2": 0.1}, "pruned_blocks": [2], "num_blocks_after": 5,
+               "candidates": [{"num_blocks": 1, "blocks": [2], "ntk_condition_number": 3.0, "zico": 1.5,
+                               "combined": 0.5}]}]
+    report = PruningReport(pruning_mode="adaptive", ranking="ced", stages=stages, source="my-base",
+                           training={"max_train_steps": 7}, extra={"my_note": "kept"})
+    assert PruningReport.from_dict(report.to_dict()) == report
+    assert "pipeline" not in report.to_dict()  # unset fields are left out
+    model = pruned_model([2])
+    out = save_pruned_pipeline(str(tmp_path / "pruned"), model, make_tiny_vae(), make_scheduler(), report=report)
+    written = json.load(open(os.path.join(out, REPORT_NAME)))
+    assert written["kept_block_indices"] == [0, 1, 3, 4, 5] and written["pruned_block_indices"] == [2]
+    assert written["stages"] == stages and written["my_note"] == "kept" and written["pipeline"] == "DiTPipeline"
+    card = open(os.path.join(out, "README.md")).read()
+    assert "Fine-tuned for 7 steps" in card and "| 0 | 0 | [2] | 5 | 1: 3 / 1.5 |" in card
+    # a dict of the same fields writes the same report
+    again = save_pruned_pipeline(str(tmp_path / "dict"), model, make_tiny_vae(), make_scheduler(),
+                                 report=report.to_dict())
+    assert json.load(open(os.path.join(again, REPORT_NAME))) == written

@@ -20,6 +20,7 @@ from .hub import write_model_card
 from .model_types import pipeline_class
 from .models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 from .output_dir import check_output_dir, staged_output_dir  # noqa: F401  (the output-folder rules live there)
+from .report import PruningReport
 
 REPORT_NAME = "entprune_report.json"
 
@@ -30,26 +31,22 @@ def load_id2label(pretrained_model_name_or_path, **kwargs) -> dict[int, str] | N
     return {int(k): v for k, v in id2label.items()} if id2label else None
 
 
-def pruning_report(transformer, extra: dict | None = None) -> dict:
-    """What was kept and what it costs, for ``entprune_report.json`` and model cards."""
+def pruning_report(transformer, extra: "PruningReport | dict | None" = None) -> PruningReport:
+    """What was kept and what it costs (the saved model's part of `PruningReport`), with ``extra`` (e.g.
+    `EntPruner.report`, a script's run entries) on top."""
     if isinstance(transformer, EntPrunedTransformer2DModel):
         kept, original = list(transformer.kept_block_indices), transformer.original_num_layers
     else:
         kept = list(transformer.config.get("_entprune_kept_block_indices") or range(transformer.config.num_layers))
         original = int(transformer.config.get("_entprune_original_num_layers") or transformer.config.num_layers)
-    report = {
-        "entprune_version": __version__,
-        "original_num_layers": original,
-        "num_layers": len(kept),
-        "kept_block_indices": kept,
-        "pruned_block_indices": [i for i in range(original) if i not in set(kept)],
+    saved = sum(v.numel() for v in transformer.state_dict().values())
+    report = PruningReport(
+        entprune_version=__version__, original_num_layers=original, num_layers=len(kept), kept_block_indices=kept,
+        pruned_block_indices=[i for i in range(original) if i not in set(kept)],
         # as saved (every block carries an embedder copy), and as the original DiT counts (one embedder)
-        "transformer_parameters": sum(v.numel() for v in transformer.state_dict().values()),
-        "transformer_parameters_one_embedder": sum(v.numel() for v in transformer.state_dict().values())
-        - (len(kept) - 1) * sum(p.numel() for p in transformer.transformer_blocks[0].norm1.emb.parameters()),
-    }
-    report.update(extra or {})
-    return report
+        transformer_parameters=saved, transformer_parameters_one_embedder=saved - (len(kept) - 1) * sum(
+            p.numel() for p in transformer.transformer_blocks[0].norm1.emb.parameters()))
+    return report.merged(extra)
 
 
 def save_pruned_pipeline(
@@ -58,7 +55,7 @@ def save_pruned_pipeline(
     vae,
     scheduler,
     id2label: dict | None = None,
-    report: dict | None = None,
+    report: "PruningReport | dict | None" = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     repo_id: str | None = None,
@@ -72,7 +69,8 @@ def save_pruned_pipeline(
         output_dir: destination folder; must be empty or absent unless ``overwrite``, which replaces only an earlier
             pipeline output there (never foreign files, never the folders the models were loaded from).
         id2label: class names, saved in ``model_index.json`` so that ``pipe.get_label_ids([...])`` works.
-        report: extra entries for ``entprune_report.json`` (scores, decisions, training settings).
+        report: what ``entprune_report.json`` records beside the saved model's part: a `PruningReport` (e.g.
+            `EntPruner.report()`) or a dict of its fields (scores, decisions, training settings).
         dtype: optionally store the weights in this dtype (e.g. ``torch.float16`` to halve the size); the models
             passed in are never cast.
         repo_id: the Hub repository the folder is meant for, named in its model card (``README.md``).
@@ -101,10 +99,10 @@ def save_pruned_pipeline(
             pipe.register_to_config(id2label={int(k): v for k, v in id2label.items()})
         pipe.save_pretrained(tmp)
         _verify_saved_transformer(tmp, plain.config.num_layers)
-        full_report = pruning_report(transformer, {"model_type": model_type, "pipeline": pipeline_cls.__name__,
-                                                   **(report or {})})
+        full_report = pruning_report(transformer, PruningReport(model_type=model_type,
+                                                                pipeline=pipeline_cls.__name__).merged(report))
         with open(os.path.join(tmp, REPORT_NAME), "w") as f:
-            json.dump(full_report, f, indent=2)
+            json.dump(full_report.to_dict(), f, indent=2)
         write_model_card(tmp, full_report, repo_id=repo_id,
                          title=title or repo_id or os.path.basename(os.path.abspath(output_dir)))
     return output_dir

@@ -98,9 +98,12 @@ INTROS = {
 }
 
 
-def write_model_card(folder: str, report: dict, repo_id: str | None = None, title: str | None = None) -> str:
-    """Write ``README.md`` (a model card) into a pruned pipeline folder from its ``entprune_report.json`` data.
-    ``title`` defaults to ``repo_id``, else the folder's name."""
+def write_model_card(folder: str, report, repo_id: str | None = None, title: str | None = None) -> str:
+    """Write ``README.md`` (a model card) into a pruned pipeline folder from its `PruningReport` (or the dict of
+    its ``entprune_report.json``). ``title`` defaults to ``repo_id``, else the folder's name."""
+    from .report import PruningReport
+
+    report = (report if isinstance(report, PruningReport) else PruningReport.from_dict(report)).to_dict()
     base_model = report.get("source")
     licence, licence_text = _licence(base_model)
     pipeline = report.get("pipeline", "DiTPipeline")

@@ -27,6 +27,7 @@ from .models import EntPrunedTransformer2DModel
 from .objectives import Objective
 from .proxies import score_candidates
 from .randomness import shard_batches
+from .report import PruningReport
 from .training_state import prune_training_state, reprepare_model
 
 logger = logging.getLogger(__name__)
@@ -235,19 +236,14 @@ class EntPruner:
 
     # ------------------------------------------------------------------------------------------ the report
 
-    def report(self) -> dict:
+    def report(self) -> PruningReport:
         """The pruning part of ``entprune_report.json``: what was pruned, how and why (every stage's scores,
-        candidates, proxy values and choice). `save_pruned_pipeline` adds what the saved model is; the model card
-        reads the result."""
-        config = self.config
-        ranking = config.ranking
-        return {
-            "pruning_mode": config.pruning_mode,
-            "ranking": ranking,
-            "pruned_by": {"method": f"EntPruner ({config.pruning_mode} schedule, CED ranking)" if ranking == "ced"
-                          else f"{config.pruning_mode} schedule, {ranking} ranking (a baseline)",
-                          "stages": len(self.controller.decisions)},
-            "stages": [d.to_dict() for d in self.controller.decisions],
-            "pruning_stage_seconds": list(self.stage_seconds),
-            "pruning_config": config.to_dict(),
-        }
+        candidates, proxy values and choice, and the config). Pass it to `save_pruned_pipeline` (``report=``), which
+        adds what the saved model is; the model card reads the result."""
+        config, ranking = self.config, self.config.ranking
+        method = f"EntPruner ({config.pruning_mode} schedule, CED ranking)" if ranking == "ced" else \
+            f"{config.pruning_mode} schedule, {ranking} ranking (a baseline)"
+        return PruningReport(pruning_mode=config.pruning_mode, ranking=ranking,
+                             pruned_by={"method": method, "stages": len(self.controller.decisions)},
+                             stages=[d.to_dict() for d in self.controller.decisions],
+                             pruning_stage_seconds=list(self.stage_seconds), pruning_config=config.to_dict())
