@@ -16,6 +16,7 @@ that --resume_from_checkpoint latest continues from. SIGTERM (preemption) saves 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -36,6 +37,7 @@ from diffusers_entprune.data import (
     BadImageTally,
     PixelCollate,
     calibration_batches,
+    encode_training_latents,
     load_labelled_dataset,
     training_dataloader,
     vae_scale_factor,
@@ -370,25 +372,15 @@ def train(args, accelerator, resume_path, continuing):
                                          accelerator.num_processes)
             draws = training_draws(args.seed, positions, latent_shape, args.class_dropout_prob)
             samples_seen += len(pixels)
-            pixels, labels = pixels.to(device, dtype=weight_dtype), labels.to(device)
-            if args.random_flip:
-                pixels = torch.where(draws.flip.to(device)[:, None, None, None], pixels.flip(-1), pixels)
             with accelerator.accumulate(model):
-                with torch.no_grad():
-                    posterior = vae.encode(pixels).latent_dist
-                    latents = posterior.mean + posterior.std * draws.vae_noise.to(device, posterior.mean.dtype)
-                latents = latents.float() * vae.config.scaling_factor
-                labels = torch.where(draws.drop_label.to(device), transformer.null_class_label, labels)  # CFG dropout
+                latents = encode_training_latents(vae, pixels.to(device, dtype=weight_dtype), draws, args.random_flip)
+                labels = torch.where(draws.drop_label.to(device), transformer.null_class_label, labels.to(device))
                 timesteps = objective.timesteps_from_fraction(draws.fractions).to(device)
                 noised = objective.add_noise(latents, draws.noise.to(device), timesteps)
-                if distiller is None:
-                    output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
-                    loss = objective.loss(output.float(), latents, noised).mean()
-                else:  # the teacher sees the same noised latents, timesteps and (dropped) labels
-                    with distiller.capture(model, global_step) as student_hidden:
-                        output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample
-                    loss = distiller.loss(objective, output.float(), latents, noised, labels, student_hidden,
-                                          global_step).mean()
+                with distiller.capture(model, global_step) if distiller else contextlib.nullcontext() as hidden:
+                    output = model(noised.noisy, timestep=timesteps, class_labels=labels).sample.float()
+                loss = (objective.loss(output, latents, noised) if distiller is None else  # the teacher sees the
+                        distiller.loss(objective, output, latents, noised, labels, hidden, global_step)).mean()
                 # every process learns of a non-finite loss, so none is left waiting in a gradient all-reduce
                 if any_process(accelerator, not torch.isfinite(loss.detach()).item()):
                     raise checkpoints.divergence_error(f"The training loss is {loss.item()} at step {global_step}: "
@@ -457,26 +449,31 @@ def train(args, accelerator, resume_path, continuing):
 
 
 @torch.no_grad()
-def sample_images(transformer, vae, scheduler, args):
-    was_training = transformer.training
-    transformer.eval()
-    pipe = pipeline_class(args.model_type)(transformer=transformer, vae=vae, scheduler=scheduler)
+def sample_images(pipe, args):
+    """The validation classes sampled with ``pipe`` and the run's seed, guidance, steps and SiT sampler."""
+    labels = args.validation_class_labels or list(range(min(8, pipe.transformer.config.num_embeds_ada_norm)))
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
-    labels = args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
     # under mixed precision the VAE is half precision and the transformer float32: autocast lets them meet
-    with torch.autocast(vae.device.type, dtype=vae.dtype, enabled=vae.dtype != torch.float32):
+    with torch.autocast(pipe.vae.device.type, dtype=pipe.vae.dtype, enabled=pipe.vae.dtype != torch.float32):
         images = pipe(class_labels=labels, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.guidance_scale, generator=torch.manual_seed(args.seed),
-                      **({"sampler": args.sampler} if args.model_type == "sit" else {})).images
-    transformer.train(was_training)
+                      **sampler_kwargs(args)).images
+    pipe.transformer.train(was_training)
     return images, labels
+
+
+def sampler_kwargs(args) -> dict:
+    return {"sampler": args.sampler} if args.model_type == "sit" else {}  # DiTPipeline uses its scheduler
 
 
 def log_validation(accelerator, transformer, vae, scheduler, ema, args, global_step):
     if ema is not None:  # sample with the EMA weights, then put the training weights back
         ema.store(trainable_parameters(transformer))
         ema.copy_to(trainable_parameters(transformer))
-    images, labels = sample_images(transformer, vae, scheduler, args)
+    pipe = pipeline_class(args.model_type)(transformer=transformer, vae=vae, scheduler=scheduler)
+    images, labels = sample_images(pipe, args)
     if ema is not None:
         ema.restore(trainable_parameters(transformer))
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
@@ -498,16 +495,15 @@ def export(args, transformer, vae, scheduler, id2label, report, device):
     model_index.json last), the report, ced.png and samples.png, and push it if asked."""
     original = EntPrunedTransformer2DModel.from_pretrained(args.source, subfolder="transformer",
                                                            revision=args.revision).to(device).eval()
+    before, after = (pipeline_class(args.model_type)(transformer=t, vae=vae, scheduler=scheduler)
+                     for t in (original, transformer))
     if args.speed_batch_size:
-        pipes = [pipeline_class(args.model_type)(transformer=t, vae=vae, scheduler=scheduler)
-                 for t in (original, transformer)]
-        for p in pipes:
-            p.set_progress_bar_config(disable=True)
+        for pipe in (before, after):
+            pipe.set_progress_bar_config(disable=True)
         labels = args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
         report.sampling_speed = compare_sampling_speed(
-            *pipes, [labels[i % len(labels)] for i in range(args.speed_batch_size)], args.num_inference_steps,
-            args.guidance_scale, repeats=args.speed_repeats,
-            **({"sampler": args.sampler} if args.model_type == "sit" else {}))
+            before, after, [labels[i % len(labels)] for i in range(args.speed_batch_size)], args.num_inference_steps,
+            args.guidance_scale, repeats=args.speed_repeats, **sampler_kwargs(args))
         logger.info(f"Sampling speedup {report.sampling_speed['speedup']:.2f}x "
                     f"(FLOPs ratio {report.sampling_speed['flops_ratio']:.2f}x)")
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
@@ -518,9 +514,8 @@ def export(args, transformer, vae, scheduler, id2label, report, device):
                              repo_id=repo_id if args.push_to_hub else None, model_type=args.model_type, title=repo_id)
         if any(stage["ced_scores"] for stage in report.stages):  # not with --fine_tune_only
             plot_stage_scores(report.stages, transformer.original_num_layers, os.path.join(folder, "ced.png"))
-        before, _ = sample_images(original, vae, scheduler, args)
-        after, _ = sample_images(transformer, vae, scheduler, args)
-        sample_grid(before + after, rows=2).save(os.path.join(folder, "samples.png"))
+        grid = sample_images(before, args)[0] + sample_images(after, args)[0]  # original on top, same seeds
+        sample_grid(grid, rows=2).save(os.path.join(folder, "samples.png"))
         move_into(folder, args.output_dir)  # model_index.json out first and in last: never beside a half model
     logger.info(f"Saved the pruned pipeline ({len(transformer.kept_block_indices)} of "
                 f"{transformer.original_num_layers} blocks: {transformer.kept_block_indices}) to {args.output_dir}")

@@ -586,6 +586,18 @@ def load_labelled_dataset(dataset_name: str | None = None, train_data_dir: str |
     return dataset, name, mapping
 
 
+@torch.no_grad()
+def encode_training_latents(vae, pixels: torch.Tensor, draws, random_flip: bool = False) -> torch.Tensor:
+    """Scaled float32 training latents of ``pixels`` (on the VAE's device and dtype) with a sample's own draws
+    (`randomness.TrainingDraws`): its horizontal flip when ``random_flip``, and its VAE posterior sample
+    ``mean + std * draws.vae_noise``, as DiT's training samples the posterior."""
+    if random_flip:
+        pixels = torch.where(draws.flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
+    posterior = vae.encode(pixels).latent_dist
+    latents = posterior.mean + posterior.std * draws.vae_noise.to(posterior.mean.device, posterior.mean.dtype)
+    return latents.float() * vae.config.scaling_factor
+
+
 def calibration_batches(dataset, vae, resolution: int, num_samples: int, batch_size: int = 64,
                         image_column: str = "image", label_column: str = "label", num_classes: int | None = None,
                         cache_dir: str | None = None, skip_bad_images: bool = False) -> "LatentBatches":
