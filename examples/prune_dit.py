@@ -74,12 +74,10 @@ COMMAND = "examples/prune_dit.py"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", default=None,
-                       help="DiT or SiT pipeline folder or Hub id, e.g. facebook/DiT-XL-2-256 (default: the embedded "
-                            "tiny digits DiT, or SiT with --model_type sit).")
-    model.add_argument("--model_type", choices=MODEL_TYPES, default=None,
-                       help="dit (DDPM, DiTPipeline) or sit (flow, SiTPipeline). Default: read from the pipeline "
-                            "folder's model_index.json; dit for the embedded base.")
+    model.add_argument("--pretrained_model_name_or_path", help="DiT/SiT pipeline folder or Hub id, e.g. "
+                       "facebook/DiT-XL-2-256 (default: the embedded tiny digits DiT, or SiT with --model_type sit).")
+    model.add_argument("--model_type", choices=MODEL_TYPES, help="dit (DDPM) or sit (flow); default: read from the "
+                       "folder's model_index.json, dit for the embedded base.")
     model.add_argument("--revision", default=None)
 
     data = parser.add_argument_group("data (default: the embedded downstream digits)")
@@ -89,34 +87,28 @@ def parse_args(argv=None):
     data.add_argument("--split", default="train")
     data.add_argument("--image_column", default="image")
     data.add_argument("--label_column", default="label")
-    data.add_argument("--resolution", type=checked(int, ">= 1"), default=None,
-                      help="Image size (default: the model's sample_size times the VAE's downsampling).")
+    data.add_argument("--resolution", type=checked(int, ">= 1"), help="Default: the model's (sample_size x VAE).")
     data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
     data.add_argument("--shuffle_buffer_size", type=checked(int, ">= 1"), default=1000, help="With --streaming.")
     data.add_argument("--max_train_samples", type=checked(int, ">= 1"), help="Train on the first N images only.")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (DiT does).")
     data.add_argument("--dataloader_num_workers", type=checked(int, ">= 0"), default=0)
     data.add_argument("--cache_dir", default=None, help="`datasets` cache folder.")
-    data.add_argument("--class_mapping_file", default=None,
-                      help="A JSON file {class name: model class id} for the label column's classes (e.g. an "
-                           "imagefolder's folders). Default: by name: folders named by class id take that id, names "
-                           "that are the model's labels take their ids, new classes keep the dataset's ids.")
-    data.add_argument("--skip_bad_images", action="store_true",
-                      help="Replace an unreadable image (truncated, empty, missing) by another of its batch, with a "
-                           "warning, instead of stopping; they are counted in entprune_report.json.")
+    data.add_argument("--class_mapping_file", help="A JSON file {class name: model class id} (default: by name: "
+                      "class-id names take that id, the model's labels their ids, new classes the dataset's ids).")
+    data.add_argument("--skip_bad_images", action="store_true", help="Replace an unreadable image by another of "
+                      "its batch with a warning, instead of stopping (counted in entprune_report.json).")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=None, help="Default: dit-pruned or sit-pruned.")
-    train.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Start afresh in a non-empty output_dir (its old checkpoints are removed).")
+    train.add_argument("--overwrite_output_dir", action="store_true", help="Start afresh over an earlier run.")
     train.add_argument("--train_batch_size", type=checked(int, ">= 1"), default=32, help="Per process.")
     train.add_argument("--max_train_steps", type=checked(int, ">= 1"), default=800)
     train.add_argument("--gradient_accumulation_steps", type=checked(int, ">= 1"), default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--learning_rate", type=checked(float, "> 0"), default=None,
                        help="Default: 1e-4, DiT's rate; 1e-3 for the embedded tiny base, which was trained at it.")
-    train.add_argument("--lr_scheduler", default="constant",
-                       help='"constant", "constant_with_warmup", "linear", "cosine", ... (diffusers names).')
+    train.add_argument("--lr_scheduler", default="constant", help="A diffusers schedule, e.g. constant, cosine.")
     train.add_argument("--lr_warmup_steps", type=checked(int, ">= 0"), default=0)
     train.add_argument("--adam_beta1", type=checked(float, "in [0, 1)"), default=0.9)
     train.add_argument("--adam_beta2", type=checked(float, "in [0, 1)"), default=0.999)
@@ -125,35 +117,29 @@ def parse_args(argv=None):
     train.add_argument("--max_grad_norm", type=checked(float, ">= 0", " (0: no gradient clipping)"), default=1.0)
     train.add_argument("--class_dropout_prob", type=checked(float, "in [0, 1)"), default=0.1,
                        help="Classifier-free guidance: replace a sample's label by the null class this often.")
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                       help="Default: accelerate's config.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's config.")
     train.add_argument("--allow_tf32", action="store_true")
     train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and export it.")
     train.add_argument("--ema_decay", type=checked(float, "in [0, 1)"), default=0.9999)
-    train.add_argument("--use_lora", action="store_true",
-                       help="Fine-tune LoRA adapters of the kept blocks only (merged before export).")
+    train.add_argument("--use_lora", action="store_true", help="Train LoRA adapters only (merged at export).")
     train.add_argument("--lora_rank", type=checked(int, ">= 1"), default=16)
     train.add_argument("--lora_alpha", type=checked(float, "> 0"), default=None, help="Default: the rank.")
     train.add_argument("--checkpointing_steps", type=checked(int, ">= 1"), default=500)
     train.add_argument("--checkpoints_total_limit", type=checked(int, ">= 1"), default=None)
-    train.add_argument("--resume_from_checkpoint", default=None,
-                       help='A checkpoint folder, or "latest" (the newest in output_dir; none there: start afresh).')
+    train.add_argument("--resume_from_checkpoint", help='A checkpoint folder, or "latest" (none: start afresh).')
     train.add_argument("--report_to", default=None, help='"tensorboard", "wandb", "all" (default: no tracker).')
     train.add_argument("--logging_dir", default="logs")
-    train.add_argument("--validation_steps", type=checked(int, ">= 0", " (0: no validation grids)"), default=200,
-                       help="Save a grid of samples every N steps (0: never).")
-    train.add_argument("--validation_class_labels", type=int, nargs="+", default=None,
-                       help="Classes of the validation grid (default: the first 8).")
+    train.add_argument("--validation_steps", type=checked(int, ">= 0", " (0: no validation grids)"), default=200)
+    train.add_argument("--validation_class_labels", type=int, nargs="+", help="Default: the first 8 classes.")
     train.add_argument("--guidance_scale", type=checked(float, ">= 0", " (<= 1: no guidance)"), default=4.0)
     train.add_argument("--num_inference_steps", type=checked(int, ">= 1"), default=50)
-    train.add_argument("--sampler", choices=SAMPLERS, default=None,
-                       help="SiT only: the SiTPipeline sampler for validation, samples and timing (default euler).")
+    train.add_argument("--sampler", choices=SAMPLERS, help="SiT only: SiTPipeline's sampler (default euler).")
     add_config_arguments(parser)  # every EntPrunerConfig field: target, schedule, ranking, CED, proxies, --seed
     add_distillation_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--save_fp16", action="store_true", help="Store the exported weights in float16.")
     out.add_argument("--speed_batch_size", type=checked(int, ">= 0", " (0: no speed comparison)"), default=8,
-                     help="Class labels per call when timing the original against the pruned pipeline (0: skip).")
+                     help="Labels per call when timing the original against the pruned pipeline.")
     out.add_argument("--speed_repeats", type=checked(int, ">= 1"), default=3)
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None, help="Default: the output folder's name.")
