@@ -283,10 +283,13 @@ class RunCheckpoints:
     ``checkpoints.restore(path, ema)`` on every process.
 
     Args:
-        output_dir: the run's folder.
-        accelerator: the run's `accelerate.Accelerator`.
-        total_limit: keep at most this many checkpoints (the oldest go, once the new one is complete).
-        learning_rate, max_grad_norm: the run's settings, named in the divergence error as what to lower.
+        output_dir (`str`): the run's folder.
+        accelerator (`accelerate.Accelerator`): the run's accelerator (every method with collectives runs on every
+            process).
+        total_limit (`int`, *optional*, defaults to `None`): keep at most this many checkpoints (the oldest go, once
+            the new one is complete); None keeps all.
+        learning_rate (`float`, *optional*), max_grad_norm (`float`, *optional*): the run's settings, named in the
+            divergence error as what to lower.
     """
 
     def __init__(self, output_dir: str, accelerator, total_limit: int | None = None,

@@ -222,14 +222,7 @@ def score_command(argv) -> int:
 
     from accelerate import Accelerator
 
-    from .data import (
-        LatentBatches,
-        check_columns,
-        load_dataset_or_embedded,
-        prepare_labels,
-        repeat_batches,
-        vae_scale_factor,
-    )
+    from .data import calibration_batches, load_labelled_dataset, repeat_batches, vae_scale_factor
     from .export import load_id2label
     from .importance import score_blocks
     from .model_types import objective_for, pipeline_class, resolve_source
@@ -252,19 +245,16 @@ def score_command(argv) -> int:
     transformer.eval()
     # the target is checked against the model before any data is encoded
     num_to_prune = None if config.target_num_blocks is None else config.num_blocks_to_prune(transformer)
-    dataset, dataset_label = load_dataset_or_embedded(args.dataset_name, args.train_data_dir, args.split,
-                                                      args.dataset_config_name, streaming=args.streaming)
     num_classes = transformer.config.num_embeds_ada_norm
-    check_columns(dataset, args.image_column, args.label_column, num_classes)
-    dataset_argument = "--dataset_name" if args.dataset_name is not None else "--train_data_dir"
-    dataset, class_mapping = prepare_labels(  # the model is conditioned on these labels: its own class ids
-        dataset, args.label_column, num_classes, load_id2label(source, revision=args.revision), args.class_mapping_file,
-        f"`{dataset_argument}`={dataset_label!r} (split {args.split!r})",
-        log=print if accelerator.is_main_process else lambda message: None)
+    dataset, dataset_label, class_mapping = load_labelled_dataset(  # the model's own class ids
+        args.dataset_name, args.train_data_dir, args.split, args.dataset_config_name, args.streaming, None,
+        args.image_column, args.label_column, num_classes, load_id2label(source, revision=args.revision),
+        args.class_mapping_file, log=print if accelerator.is_main_process else lambda message: None)
     resolution = args.resolution or transformer.config.sample_size * vae_scale_factor(pipe.vae)
-    latents = LatentBatches(dataset, pipe.vae, resolution, config.ced_batch_size, args.image_column, args.label_column,
-                            num_classes=num_classes, cache_dir=args.latent_cache_dir,
-                            skip_bad_images=args.skip_bad_images)
+    # the same pool as the pruning script's (its first draws): the first ced_num_samples images, met again if fewer
+    latents = calibration_batches(dataset, pipe.vae, resolution, config.ced_num_samples, config.ced_batch_size,
+                                  args.image_column, args.label_column, num_classes, cache_dir=args.latent_cache_dir,
+                                  skip_bad_images=args.skip_bad_images)
     batches = shard_batches(repeat_batches(latents, config.ced_num_samples), accelerator.process_index,
                             accelerator.num_processes)
     objective = objective_for(model_type, transformer.config, pipe.scheduler)

@@ -603,7 +603,19 @@ def calibration_batches(dataset, vae, resolution: int, num_samples: int, batch_s
                         cache_dir: str | None = None, skip_bad_images: bool = False) -> "LatentBatches":
     """The calibration data of ranking and proxies: the VAE means (scaled) of the first ``num_samples`` images of
     ``dataset``, as lazy `LatentBatches` (nothing is encoded until it is iterated). Shared by `EntPruner`'s callers
-    (examples/prune_dit.py), `entprune score` and the benchmarks, so that they all rank on the same latents."""
+    (examples/prune_dit.py), `entprune score` and the benchmarks, so that they all rank on the same latents.
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`): with an image and an integer label column
+            (the model's class ids; see `prepare_labels`).
+        vae (`AutoencoderKL`): the pipeline's VAE, on the device and dtype to encode with.
+        resolution (`int`): image size in pixels (the transformer's ``sample_size`` times `vae_scale_factor`).
+        num_samples (`int`): images to take from the start; e.g. `EntPrunerConfig.calibration_pool_size`.
+        batch_size (`int`, *optional*, defaults to 64): images per VAE call (and per yielded batch).
+        num_classes (`int`, *optional*): labels must lie in ``[0, num_classes)``.
+        cache_dir (`str`, *optional*): keep the encoded latents here for later runs.
+        skip_bad_images (`bool`, *optional*, defaults to `False`): leave unreadable images out with a warning.
+    """
     from datasets import IterableDataset
 
     subset = dataset.take(num_samples) if isinstance(dataset, IterableDataset) else \

@@ -37,11 +37,14 @@ kept so that published numbers reproduce); the NTK and ZiCo proxies (`proxies`) 
 DataLoader a generator seeded with ``seed + process_index``, used only for the workers' base seed.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# Sums a tensor over the processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``); None with one process.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 TRAINING_TAG = 1  # training_draws: (seed, TRAINING_TAG, stream position)
 LEARNED_ORDER_TAG = 1  # learned ranking: (seed, LEARNED_ORDER_TAG, epoch), the order of the pool in an epoch

@@ -16,7 +16,9 @@ so magnitude and Taylor leave it out.
 import torch
 import torch.nn.functional as F
 
+from ..models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 from ..objectives import Objective
+from ..randomness import Reduce
 from .draws import fixed_draws
 from .result import ImportanceResult
 
@@ -27,12 +29,12 @@ def own_parameters(block) -> list[torch.nn.Parameter]:
     return [p for name, p in block.named_parameters() if not name.startswith("norm1.emb.")]
 
 
-def random_scores(model, seed: int = 0) -> ImportanceResult:
+def random_scores(model: EntPrunedTransformer2DModel, seed: int = 0) -> ImportanceResult:
     scores = torch.rand(model.num_blocks, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return ImportanceResult("random", list(model.kept_block_indices), scores.tolist(), options={"seed": seed})
 
 
-def uniform_scores(model, num_to_prune: int) -> ImportanceResult:
+def uniform_scores(model: EntPrunedTransformer2DModel, num_to_prune: int) -> ImportanceResult:
     """1 for the evenly spaced blocks to keep, 0 for the others: the ``num_to_prune`` lowest are the ones between.
 
     Spacing is over the blocks present now, so use it in one stage (``--pruning_mode one_shot``) to get the same
@@ -47,7 +49,7 @@ def uniform_scores(model, num_to_prune: int) -> ImportanceResult:
 
 
 @torch.no_grad()
-def magnitude_scores(model) -> ImportanceResult:
+def magnitude_scores(model: EntPrunedTransformer2DModel) -> ImportanceResult:
     scores = []
     for block in model.transformer_blocks:
         params = own_parameters(block)
@@ -62,8 +64,9 @@ def _loss(model, objective: Objective, draw, tokens=None) -> torch.Tensor:
     return objective.loss(output, draw.latents.float(), draw.noised).sum()
 
 
-def taylor_scores(model, objective: Objective, batches, num_samples: int, seed: int = 0, timestep_range=(0.0, 1.0),
-                  progress: bool = False, reduce=None, process_index: int = 0, num_processes: int = 1):
+def taylor_scores(model: EntPrunedTransformer2DModel, objective: Objective, batches, num_samples: int, seed: int = 0,
+                  timestep_range=(0.0, 1.0), progress: bool = False, reduce: Reduce | None = None,
+                  process_index: int = 0, num_processes: int = 1):
     """|w * dL/dw| per block for the mean training loss over the draws. Uses (and clears) the model's `.grad`."""
     params = [own_parameters(block) for block in model.transformer_blocks]
     grads = [[torch.zeros_like(p, dtype=torch.float64) for p in ps] for ps in params]
@@ -91,9 +94,9 @@ def taylor_scores(model, objective: Objective, batches, num_samples: int, seed: 
 
 
 @torch.no_grad()
-def block_influence_scores(model, objective: Objective, batches, num_samples: int, seed: int = 0,
-                           timestep_range=(0.0, 1.0), progress: bool = False, reduce=None, process_index: int = 0,
-                           num_processes: int = 1):
+def block_influence_scores(model: EntPrunedTransformer2DModel, objective: Objective, batches, num_samples: int,
+                           seed: int = 0, timestep_range=(0.0, 1.0), progress: bool = False,
+                           reduce: Reduce | None = None, process_index: int = 0, num_processes: int = 1):
     totals = torch.zeros(model.num_blocks, dtype=torch.float64)
     tokens_seen = torch.zeros((), dtype=torch.float64)
     for draw in fixed_draws(model, objective, batches, num_samples, seed, timestep_range, process_index,
@@ -112,9 +115,9 @@ def block_influence_scores(model, objective: Objective, batches, num_samples: in
 
 
 @torch.no_grad()
-def loss_ablation_scores(model, objective: Objective, batches, num_samples: int, seed: int = 0,
-                         timestep_range=(0.0, 1.0), progress: bool = False, reduce=None, process_index: int = 0,
-                         num_processes: int = 1):
+def loss_ablation_scores(model: EntPrunedTransformer2DModel, objective: Objective, batches, num_samples: int,
+                         seed: int = 0, timestep_range=(0.0, 1.0), progress: bool = False, reduce: Reduce | None = None,
+                         process_index: int = 0, num_processes: int = 1):
     totals = torch.zeros(model.num_blocks + 1, dtype=torch.float64)  # [full, skip block 0, skip block 1, ...]
     for draw in fixed_draws(model, objective, batches, num_samples, seed, timestep_range, process_index,
                             num_processes, progress_desc="loss ablation" if progress else None):

@@ -62,7 +62,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 from ..objectives import Objective
+from ..randomness import Reduce
 from .draws import fixed_draws
 from .result import ImportanceResult
 
@@ -272,7 +274,7 @@ def _block_outputs_naive(model, tokens, timesteps, labels):
 
 @torch.no_grad()
 def compute_ced(
-    model,
+    model: EntPrunedTransformer2DModel,
     objective: Objective,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_samples: int = 1024,
@@ -281,7 +283,7 @@ def compute_ced(
     prefix_cache: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
-    reduce=None,
+    reduce: Reduce | None = None,
     progress: bool = False,
 ) -> CEDResult:
     """Score every kept block of ``model`` (an `EntPrunedTransformer2DModel`) by CED (or the estimator and signal

@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from ..lora import DIT_LORA_TARGETS
+from ..models.entpruned_transformer_2d import EntPrunedTransformer2DModel
 from ..objectives import Objective
 from ..randomness import (
     LEARNED_GUMBEL_TAG,
     LEARNED_LORA_TAG,
     LEARNED_ORDER_TAG,
     LEARNED_STEP_TAG,
+    Reduce,
     sample_generator,
     shard_indices,
 )
@@ -269,9 +271,10 @@ def _global_batches(num_samples: int, batch_size: int, seed: int):
         stream = stream[batch_size:]
 
 
-def learned_scores(model, objective: Objective, batches, num_samples: int, num_to_prune: int, seed: int = 0,
-                   options: LearnedRankingOptions | None = None, timestep_range=(0.0, 1.0), progress: bool = False,
-                   reduce=None, process_index: int = 0, num_processes: int = 1) -> LearnedRankingResult:
+def learned_scores(model: EntPrunedTransformer2DModel, objective: Objective, batches, num_samples: int,
+                   num_to_prune: int, seed: int = 0, options: LearnedRankingOptions | None = None,
+                   timestep_range=(0.0, 1.0), progress: bool = False, reduce: Reduce | None = None,
+                   process_index: int = 0, num_processes: int = 1) -> LearnedRankingResult:
     """Learn which ``num_to_prune`` of the model's present blocks to remove; see the module docstring.
 
     Args:
