@@ -97,56 +97,6 @@ class LearnedRankingOptions:
         return self.tau_start * (self.tau_end / self.tau_start) ** fraction
 
 
-def add_learned_arguments(parser) -> None:
-    """The ``--learned_*`` flags, shared by `entprune score` and examples/prune_dit.py. They default to None (a run
-    without the learned ranking records nothing new); `learned_options_from_args` fills in the options' defaults."""
-    defaults = LearnedRankingOptions()
-    group = parser.add_argument_group("learned ranking (only with the `learned` ranking)")
-    group.add_argument("--learned_steps", type=int, default=None,
-                       help="Optimisation steps of the mask logits and adapters, each a forward and backward pass of "
-                            f"every block on one batch (default {defaults.num_steps}).")
-    group.add_argument("--learned_group_size", type=int, default=None,
-                       help="Blocks per group; each group keeps its share of the blocks and learns which (default "
-                            f"{defaults.group_size}).")
-    group.add_argument("--learned_lora_rank", type=int, default=None,
-                       help="Rank of the adapters trained with the masks; 0: no adapters, i.e. judge the masks by "
-                            f"the loss of the model as it is, for ablation (default {defaults.lora_rank}).")
-    group.add_argument("--learned_batch_size", type=int, default=None,
-                       help=f"Samples per step, over all processes (default {defaults.batch_size}).")
-
-
-LEARNED_FLAGS = ("learned_steps", "learned_group_size", "learned_lora_rank", "learned_batch_size")
-
-
-def learned_options_from_args(args, method: str, method_flag: str, error=None) -> "LearnedRankingOptions | None":
-    """`LearnedRankingOptions` from the ``--learned_*`` flags when ``method`` is ``"learned"`` (their defaults filled
-    into ``args``, so a run records what it used), else None. ``error`` (e.g. ``parser.error``; default: raise
-    ValueError) reports a bad flag, or a flag given for another ranking."""
-    def fail(message):
-        if error is None:
-            raise ValueError(message)
-        error(message)
-
-    if method != "learned":
-        given = [f"--{name}" for name in LEARNED_FLAGS if getattr(args, name, None) is not None]
-        if given:
-            fail(f"{', '.join(given)} apply to the learned ranking only; pass {method_flag} learned or drop them.")
-        return None
-    defaults = LearnedRankingOptions()
-    for name, default in (("learned_steps", defaults.num_steps), ("learned_group_size", defaults.group_size),
-                          ("learned_lora_rank", defaults.lora_rank), ("learned_batch_size", defaults.batch_size)):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-        minimum = 0 if name == "learned_lora_rank" else 1
-        if getattr(args, name) < minimum:
-            fail(f"--{name} must be >= {minimum}{' (0: no adapters)' if minimum == 0 else ''}, got "
-                 f"{getattr(args, name)}.")
-    return LearnedRankingOptions(group_size=args.learned_group_size, num_steps=args.learned_steps,
-                                 batch_size=args.learned_batch_size, lora_rank=max(args.learned_lora_rank, 1),
-                                 use_lora=args.learned_lora_rank > 0)
-
-
-@dataclass
 class LearnedRankingResult(ImportanceResult):
     """`ImportanceResult` of the ``learned`` ranking. Scores: 1 + p for a kept block, p for a dropped one, with p the
     block's learned marginal keep probability (below 1), so `ranking`'s first ``num_to_prune`` are exactly the
