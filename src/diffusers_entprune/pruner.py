@@ -140,22 +140,24 @@ class EntPruner:
         accelerator, unwrapped = self.accelerator, self.model
         was_training = unwrapped.training
         unwrapped.eval()
-        scores = self._rank() if self.controller.needs_ced() else None
-        state = [None]
-        if self._is_main_process:
-            self.controller.decide(global_step, scores, self._score_candidates)
-            state = [self.controller.state_dict()]
-        if self._num_processes > 1:  # one decision for all: GPU arithmetic need not agree bit for bit
-            from accelerate.utils import broadcast_object_list
+        try:
+            scores = self._rank() if self.controller.needs_ced() else None
+            state = [None]
+            if self._is_main_process:
+                self.controller.decide(global_step, scores, self._score_candidates)
+                state = [self.controller.state_dict()]
+            if self._num_processes > 1:  # one decision for all: GPU arithmetic need not agree bit for bit
+                from accelerate.utils import broadcast_object_list
 
-            broadcast_object_list(state)
-            self.controller.load_state_dict(state[0])
-        decision = self.controller.decisions[-1]
-        if decision.pruned_blocks:
-            prune_training_state(unwrapped, decision.pruned_blocks, optimizer, ema)
-            if accelerator is not None:
-                model = reprepare_model(accelerator, model, unwrapped)
-        unwrapped.train(was_training)
+                broadcast_object_list(state)
+                self.controller.load_state_dict(state[0])
+            decision = self.controller.decisions[-1]
+            if decision.pruned_blocks:
+                prune_training_state(unwrapped, decision.pruned_blocks, optimizer, ema)
+                if accelerator is not None:
+                    model = reprepare_model(accelerator, model, unwrapped)
+        finally:  # the caller's mode, even when a stage fails
+            unwrapped.train(was_training)
         self.stage_seconds.append(round(time.perf_counter() - start, 3))
         self._log(decision, global_step)
         return model
@@ -183,7 +185,15 @@ class EntPruner:
             needed, source = self.config.calibration_pool_size, self._calibration_source
             if isinstance(source, tuple) and len(source) == 2 and torch.is_tensor(source[0]):
                 source = [source]
-            batches = list(repeat_batches(source, needed))  # a small dataset is met again with fresh draws
+            read, count = [], 0  # one pass, so a generator works too; no further than the pool needs
+            for latents, labels in source:
+                read.append((latents, labels))
+                count += len(latents)
+                if count >= needed:
+                    break
+            if count == 0:
+                raise ValueError("`calibration_data` holds no samples: pass (latents, labels) tensors or batches.")
+            batches = list(repeat_batches(read, needed))  # a small dataset is met again with fresh draws
             self._pool = (torch.cat([b[0] for b in batches])[:needed].cpu(),
                           torch.cat([b[1] for b in batches])[:needed].cpu())
         return self._pool
