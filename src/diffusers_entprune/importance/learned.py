@@ -97,6 +97,7 @@ class LearnedRankingOptions:
         return self.tau_start * (self.tau_end / self.tau_start) ** fraction
 
 
+@dataclass
 class LearnedRankingResult(ImportanceResult):
     """`ImportanceResult` of the ``learned`` ranking. Scores: 1 + p for a kept block, p for a dropped one, with p the
     block's learned marginal keep probability (below 1), so `ranking`'s first ``num_to_prune`` are exactly the
