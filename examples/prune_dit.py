@@ -52,7 +52,14 @@ from diffusers_entprune.distillation import (
 from diffusers_entprune.export import load_id2label
 from diffusers_entprune.hub import Secret, check_can_push, push_pruned_pipeline
 from diffusers_entprune.lora import add_lora, merge_lora
-from diffusers_entprune.model_types import MODEL_TYPES, check_null_class, objective_for, pipeline_class, resolve_source
+from diffusers_entprune.model_types import (
+    MODEL_TYPES,
+    check_null_class,
+    objective_for,
+    pipeline_class,
+    resolve_source,
+    sampler_kwargs,
+)
 from diffusers_entprune.output_dir import (
     clear_output_dir,
     lock_output_dir,
@@ -176,10 +183,7 @@ def resolve_model_type(args) -> None:
     """Fill in --model_type from the pipeline folder (it must agree when given), then the defaults that follow."""
     args.model_type, args.source, args.source_name = resolve_source(args.pretrained_model_name_or_path,
                                                                     args.model_type, args.revision)
-    if args.sampler is not None and args.model_type == "dit":
-        raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
-    if args.model_type == "sit" and args.sampler is None:
-        args.sampler = "euler"
+    sampler_kwargs(args.model_type, args.sampler)  # refuses --sampler for a DiT
     args.output_dir = args.output_dir or f"{args.model_type}-pruned"
     check_null_class(args.model_type, args.source, args.revision)  # the export must sample with DiTPipeline
     if args.validation_class_labels is not None:  # checked now: validation first samples after training steps
@@ -445,13 +449,9 @@ def sample_images(pipe, args):
     with torch.autocast(pipe.vae.device.type, dtype=pipe.vae.dtype, enabled=pipe.vae.dtype != torch.float32):
         images = pipe(class_labels=labels, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.guidance_scale, generator=torch.manual_seed(args.seed),
-                      **sampler_kwargs(args)).images
+                      **sampler_kwargs(args.model_type, args.sampler)).images
     pipe.transformer.train(was_training)
     return images, labels
-
-
-def sampler_kwargs(args) -> dict:
-    return {"sampler": args.sampler} if args.model_type == "sit" else {}  # DiTPipeline uses its scheduler
 
 
 def log_validation(accelerator, transformer, vae, scheduler, ema, args, global_step):
@@ -489,7 +489,7 @@ def export(args, transformer, vae, scheduler, id2label, report, device):
         labels = args.validation_class_labels or list(range(min(8, transformer.config.num_embeds_ada_norm)))
         report.sampling_speed = compare_sampling_speed(
             before, after, [labels[i % len(labels)] for i in range(args.speed_batch_size)], args.num_inference_steps,
-            args.guidance_scale, repeats=args.speed_repeats, **sampler_kwargs(args))
+            args.guidance_scale, repeats=args.speed_repeats, **sampler_kwargs(args.model_type, args.sampler))
         logger.info(f"Sampling speedup {report.sampling_speed['speedup']:.2f}x "
                     f"(FLOPs ratio {report.sampling_speed['flops_ratio']:.2f}x)")
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))

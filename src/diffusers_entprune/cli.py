@@ -423,7 +423,7 @@ def eval_command(argv) -> int:
     from .evaluation import evaluate_pipeline
     from .export import load_id2label
     from .metrics import load_feature_network
-    from .model_types import check_null_class, pipeline_class, resolve_source
+    from .model_types import check_null_class, pipeline_class, resolve_source, sampler_kwargs
     from .output_dir import check_output_dir, staged_output_dir
     from .plotting import sample_grid
 
@@ -432,8 +432,7 @@ def eval_command(argv) -> int:
                              "--reference": args.reference, "--original_model_name_or_path":
                              args.original_model_name_or_path, "--inception_weights": args.inception_weights})
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
-    if args.sampler is not None and model_type != "sit":
-        raise ValueError("`--sampler` applies to SiT models only; DiT samples with its pipeline's scheduler.")
+    call_kwargs = sampler_kwargs(model_type, args.sampler)  # refuses a sampler for a DiT
     feature_network = load_feature_network(args.feature_network, args.inception_weights)  # fails fast if missing
     reference, reference_name = load_reference(args)
     for column in (args.image_column, args.label_column):
@@ -468,7 +467,6 @@ def eval_command(argv) -> int:
     accelerator = Accelerator()  # one process, or several under `accelerate launch` (samples are sharded)
     pipe = pipeline_class(model_type).from_pretrained(source, revision=args.revision).to(accelerator.device)
     feature_network.to(accelerator.device)
-    call_kwargs = {"sampler": args.sampler or "euler"} if model_type == "sit" else {}
 
     metrics, images = evaluate_pipeline(
         pipe, reference, feature_network, num_samples=args.num_samples, seed=args.seed,

@@ -157,3 +157,13 @@ def objective_for(model_type: str, transformer_config, scheduler=None):
     if scheduler is None:
         raise ValueError("A DiT objective needs the pipeline's scheduler (its betas).")
     return DiffusionObjective.from_scheduler(scheduler, learn_sigma=learn_sigma)
+
+
+def sampler_kwargs(model_type: str, sampler: str | None = None, argument: str = "--sampler") -> dict:
+    """The pipeline-call arguments that choose how a family samples: ``{"sampler": sampler or "euler"}`` for a SiT
+    (`SiTPipeline`), nothing for a DiT, whose `DiTPipeline` samples with its scheduler (a sampler is refused)."""
+    if check_model_type(model_type) == "dit":
+        if sampler is not None:
+            raise ValueError(f"`{argument}` applies to SiT models only; DiT samples with its pipeline's scheduler.")
+        return {}
+    return {"sampler": sampler or "euler"}
