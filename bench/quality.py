@@ -142,14 +142,7 @@ def base_and_pool(settings, config, to_device: bool = True):
     (latents, labels) that examples/prune_dit.py ranks on: the VAE means of the first
     ``config.calibration_pool_size`` training images, encoded in batches of ``config.ced_batch_size``
     (`data.calibration_batches`) and repeated when the data is shorter, as `EntPruner.calibration_pool` does."""
-    from diffusers_entprune.data import (
-        calibration_batches,
-        check_columns,
-        load_dataset_or_embedded,
-        prepare_labels,
-        repeat_batches,
-        vae_scale_factor,
-    )
+    from diffusers_entprune.data import calibration_batches, collect_pool, load_labelled_dataset, vae_scale_factor
     from diffusers_entprune.export import load_id2label
     from diffusers_entprune.model_types import objective_for, pipeline_class, resolve_source
     from diffusers_entprune.models import EntPrunedTransformer2DModel
@@ -162,21 +155,15 @@ def base_and_pool(settings, config, to_device: bool = True):
     if to_device:
         pipe = pipe.to(device())
     objective = objective_for(model_type, transformer.config, pipe.scheduler)
-    dataset, name = load_dataset_or_embedded(settings.dataset_name, settings.train_data_dir, settings.split,
-                                             settings.dataset_config_name)
     num_classes = transformer.config.num_embeds_ada_norm
-    check_columns(dataset, settings.image_column, settings.label_column, num_classes)
-    if settings.max_train_samples is not None:
-        dataset = dataset.select(range(min(settings.max_train_samples, len(dataset))))
-    dataset, _ = prepare_labels(dataset, settings.label_column, num_classes,
-                                load_id2label(source, revision=settings.revision), settings.class_mapping_file,
-                                repr(name))
+    dataset, _, _ = load_labelled_dataset(  # as the script loads it
+        settings.dataset_name, settings.train_data_dir, settings.split, settings.dataset_config_name, False, None,
+        settings.image_column, settings.label_column, num_classes, load_id2label(source, revision=settings.revision),
+        settings.class_mapping_file, settings.max_train_samples)
     resolution = transformer.config.sample_size * vae_scale_factor(pipe.vae)
-    needed = config.calibration_pool_size
-    batches = list(repeat_batches(calibration_batches(
-        dataset, pipe.vae, resolution, needed, config.ced_batch_size, settings.image_column, settings.label_column,
-        num_classes, skip_bad_images=settings.skip_bad_images), needed))
-    pool = torch.cat([b[0] for b in batches])[:needed], torch.cat([b[1] for b in batches])[:needed]
+    pool = collect_pool(calibration_batches(  # as EntPruner.calibration_pool collects it
+        dataset, pipe.vae, resolution, config.calibration_pool_size, config.ced_batch_size, settings.image_column,
+        settings.label_column, num_classes, skip_bad_images=settings.skip_bad_images), config.calibration_pool_size)
     return model_type, pipe, objective, pool
 
 

@@ -21,6 +21,7 @@ from diffusers_entprune.checkpoints import (
     CheckpointWriteError,
     CorruptCheckpointError,
     RunCheckpoints,
+    is_checkpoint_of,
     list_checkpoints,
     read_state,
     remove_stale_staging,
@@ -146,14 +147,13 @@ def test_restore_errors(tmp_path):
         RunCheckpoints(str(other), accelerator).restore(str(other / "checkpoint-1"), ema=ema)
 
 
-def test_is_own(tmp_path):
-    accelerator = Accelerator(cpu=True)
-    run = RunCheckpoints(str(tmp_path / "out"), accelerator)
+def test_is_checkpoint_of(tmp_path):
+    out = str(tmp_path / "out")
     (tmp_path / "link").symlink_to(tmp_path / "out", target_is_directory=True)
-    assert run.is_own(str(tmp_path / "out" / "checkpoint-3"))
-    assert run.is_own(str(tmp_path / "link" / "checkpoint-3"))
-    assert not run.is_own(str(tmp_path / "elsewhere" / "checkpoint-3"))
-    assert not run.is_own(str(tmp_path / "out" / "checkpoint-3" / "sub"))
+    assert is_checkpoint_of(str(tmp_path / "out" / "checkpoint-3"), out)
+    assert is_checkpoint_of(str(tmp_path / "link" / "checkpoint-3"), out)
+    assert not is_checkpoint_of(str(tmp_path / "elsewhere" / "checkpoint-3"), out)
+    assert not is_checkpoint_of(str(tmp_path / "out" / "checkpoint-3" / "sub"), out)
 
 
 # ---------------------------------------------------------------------------------------------- total limit

@@ -320,10 +320,6 @@ class RunCheckpoints:
                                          "to take the newest intact one.") from None
         return path
 
-    def is_own(self, path: str) -> bool:
-        """Whether ``path`` is a checkpoint of this output_dir (resuming from it continues this run, here)."""
-        return is_checkpoint_of(path, self.output_dir)
-
     def read(self, path: str) -> dict:
         """The state file of ``path`` as `save` wrote it (not verified again: `resolve` did)."""
         return read_state(path, verify=False)

@@ -567,6 +567,15 @@ class LatentBatches:
             os.replace(tmp, self.cache_path)
 
 
+def first_rows(dataset, num_rows: int):
+    """The first ``num_rows`` rows of a map-style or streamed dataset (all of a shorter one), nothing read."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        return dataset.take(num_rows)
+    return dataset.select(range(min(num_rows, len(dataset))))
+
+
 def load_labelled_dataset(dataset_name: str | None = None, train_data_dir: str | None = None, split: str = "train",
                           dataset_config_name: str | None = None, streaming: bool = False,
                           cache_dir: str | None = None, image_column: str = "image", label_column: str = "label",
@@ -579,7 +588,7 @@ def load_labelled_dataset(dataset_name: str | None = None, train_data_dir: str |
                                              cache_dir)
     check_columns(dataset, image_column, label_column, num_classes)
     if max_samples is not None:
-        dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
+        dataset = first_rows(dataset, max_samples)
     argument = "--dataset_name" if dataset_name is not None else "--train_data_dir"
     dataset, mapping = prepare_labels(dataset, label_column, num_classes, id2label, class_mapping_file,
                                       f"`{argument}`={name!r} (split {split!r})", log=log)
@@ -616,12 +625,27 @@ def calibration_batches(dataset, vae, resolution: int, num_samples: int, batch_s
         cache_dir (`str`, *optional*): keep the encoded latents here for later runs.
         skip_bad_images (`bool`, *optional*, defaults to `False`): leave unreadable images out with a warning.
     """
-    from datasets import IterableDataset
+    return LatentBatches(first_rows(dataset, num_samples), vae, resolution, batch_size, image_column, label_column,
+                         num_classes=num_classes, latent_sampling="mean", cache_dir=cache_dir,
+                         skip_bad_images=skip_bad_images)
 
-    subset = dataset.take(num_samples) if isinstance(dataset, IterableDataset) else \
-        dataset.select(range(min(num_samples, len(dataset))))
-    return LatentBatches(subset, vae, resolution, batch_size, image_column, label_column, num_classes=num_classes,
-                         latent_sampling="mean", cache_dir=cache_dir, skip_bad_images=skip_bad_images)
+
+def collect_pool(batches, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` (latents, labels) from ``batches`` as two CPU tensors: read in one pass, no further than
+    needed (so a generator works too), and repeated from memory when the data is shorter (a small dataset is met
+    again, with fresh noise draws wherever it is used). ``batches`` may also be one (latents, labels) pair."""
+    if isinstance(batches, tuple) and len(batches) == 2 and torch.is_tensor(batches[0]):
+        batches = [batches]
+    read, count = [], 0
+    for latents, labels in batches:
+        read.append((latents, labels))
+        count += len(latents)
+        if count >= num_samples:
+            break
+    if count == 0:
+        raise ValueError("`calibration_data` holds no samples: pass (latents, labels) tensors or batches.")
+    pool = list(repeat_batches(read, num_samples))
+    return (torch.cat([b[0] for b in pool])[:num_samples].cpu(), torch.cat([b[1] for b in pool])[:num_samples].cpu())
 
 
 def repeat_batches(batches, num_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -21,7 +21,7 @@ import torch
 
 from .config import EntPrunerConfig
 from .controller import AdaptivePruningController, decision_steps
-from .data import repeat_batches
+from .data import collect_pool
 from .importance import score_blocks
 from .models import EntPrunedTransformer2DModel
 from .objectives import Objective
@@ -182,20 +182,7 @@ class EntPruner:
     def calibration_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed pool (latents, labels), on the CPU, collected at its first use."""
         if self._pool is None:
-            needed, source = self.config.calibration_pool_size, self._calibration_source
-            if isinstance(source, tuple) and len(source) == 2 and torch.is_tensor(source[0]):
-                source = [source]
-            read, count = [], 0  # one pass, so a generator works too; no further than the pool needs
-            for latents, labels in source:
-                read.append((latents, labels))
-                count += len(latents)
-                if count >= needed:
-                    break
-            if count == 0:
-                raise ValueError("`calibration_data` holds no samples: pass (latents, labels) tensors or batches.")
-            batches = list(repeat_batches(read, needed))  # a small dataset is met again with fresh draws
-            self._pool = (torch.cat([b[0] for b in batches])[:needed].cpu(),
-                          torch.cat([b[1] for b in batches])[:needed].cpu())
+            self._pool = collect_pool(self._calibration_source, self.config.calibration_pool_size)
         return self._pool
 
     def _rank(self) -> dict[int, float]:
