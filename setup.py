@@ -28,6 +28,7 @@ setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        "torchdiffeq>=0.2",  # SiTPipeline's dopri5 sampler (the solver SiT's own code uses)
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

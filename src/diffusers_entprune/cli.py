@@ -376,6 +376,10 @@ def _parse_eval_args(argv):
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="SiT only (default euler).")
+    parser.add_argument("--guidance_channels", type=int, default=None,
+                        help="SiT only: guide only the first N latent channels, the others take the conditional "
+                             "velocity (3: as DiT's and SiT's own sampling scripts, which the published FIDs used; "
+                             "default: all channels, as diffusers).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="Samples per pipeline call.")
     parser.add_argument("--latency_batch_size", type=int, default=8)
@@ -402,6 +406,8 @@ def _parse_eval_args(argv):
         parser.error("--max_reference_images must be >= 4.")
     if args.guidance_scale < 0:
         parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}.")
+    if args.guidance_channels is not None and args.guidance_channels < 1:
+        parser.error(f"--guidance_channels must be >= 1, got {args.guidance_channels}.")
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         parser.error(f"--inception_weights {args.inception_weights!r} is not a file.")
     if args.class_mapping_file is not None and not os.path.isfile(args.class_mapping_file):
@@ -433,6 +439,19 @@ def eval_command(argv) -> int:
                              args.original_model_name_or_path, "--inception_weights": args.inception_weights})
     model_type, source, source_name = resolve_source(args.pretrained_model_name_or_path, args.model_type, args.revision)
     call_kwargs = sampler_kwargs(model_type, args.sampler)  # refuses a sampler for a DiT
+    if model_type == "sit":  # recorded in metrics.json's "sampling" with the sampler (None: all channels)
+        call_kwargs["guidance_channels"] = args.guidance_channels
+        if args.guidance_channels is not None:
+            from diffusers import DiTTransformer2DModel
+
+            channels = DiTTransformer2DModel.load_config(source, subfolder="transformer", revision=args.revision)[
+                "in_channels"]
+            if args.guidance_channels > channels:
+                raise ValueError(f"`--guidance_channels`={args.guidance_channels} exceeds the model's {channels} "
+                                 "latent channels.")
+    elif args.guidance_channels is not None:
+        raise ValueError("`--guidance_channels` applies to SiT models only; DiTPipeline guides all latent channels "
+                         "and has no such option.")
     feature_network = load_feature_network(args.feature_network, args.inception_weights)  # fails fast if missing
     reference, reference_name = load_reference(args)
     for column in (args.image_column, args.label_column):
@@ -479,6 +498,7 @@ def eval_command(argv) -> int:
         metrics["comparison"] = _compare_with_original(pipe, original, original_name, model_type, metrics, args,
                                                        call_kwargs)
     if accelerator.is_main_process:
+        metrics["sampling"].setdefault("guidance_channels", None)  # a DiT: DiTPipeline guides all channels
         metrics = {"pretrained_model_name_or_path": source_name, "model_type": model_type,
                    "reference": {"dataset": reference_name, "split": args.reference_split,
                                  "image_column": args.image_column, "label_column": args.label_column,

@@ -5,21 +5,30 @@ transformer receives the raw t and predicts the velocity ``v = x1 - x0`` (its le
 dropped). diffusers' `FlowMatchEulerDiscreteScheduler` runs in sigma = 1 - t (sigma = 1 is noise) and steps with
 ``dx/dsigma = -v``; this pipeline feeds it that mapping, on SiT's uniform time grid.
 
-Samplers:
-- ``"euler"``: the scheduler's Euler step on ``t = linspace(0, 1, N + 1)`` (SiT's fixed-step ODE Euler).
-- ``"heun"``: Heun's predictor-corrector on the same grid (diffusers' Heun flow scheduler cannot take a custom
-  grid, so the two evaluations are written here; the last step, into t = 1, is plain Euler as in Heun samplers
-  that end at sigma 0).
-- ``"dopri5"``: adaptive Dormand-Prince 5(4) on [0, 1] (SiT's default ODE sampler, there through torchdiffeq),
-  written here in plain torch: step size from the embedded 4th-order error estimate, RMS norm over the whole batch,
-  ``atol`` / ``rtol`` as in SiT (1e-6 / 1e-3); ``num_inference_steps`` is not used, the tolerances set the cost.
-- ``"sde"``: Euler-Maruyama for ``dx = [v - (x - t v) / 2] dt + sqrt(1 - t) dW``, i.e. SiT's SDE with the
-  ``sigma`` diffusion form ``w_t = 1 - t`` and the score ``-(x - t v) / (1 - t)`` written into the drift, on
-  ``linspace(0, 1 - last_step_size, N)``, then one noise-free ("mean") step of ``last_step_size`` to t = 1.
+Samplers, each the algorithm of SiT's own ``transport/`` code (github willisma/SiT) for the linear path and a
+velocity model; ``num_inference_steps = N`` is the number of intervals, SiT's ``num_steps`` is N + 1 grid points:
+- ``"euler"``: Euler on ``t = linspace(0, 1, N + 1)`` through the scheduler (SiT's ODE ``euler``); N evaluations.
+- ``"heun"``: SiT's ODE ``heun2`` (torchdiffeq's fixed-grid Heun) on the same grid: on every interval, the last one
+  included, a predictor ``x + h v(x, t)`` and the trapezoidal corrector ``x + h / 2 (v(x, t) + v(pred, t + h))``;
+  2 N evaluations.
+- ``"dopri5"``: SiT's default ODE sampler, ``torchdiffeq.odeint(method="dopri5")`` from t = 0 to 1 with
+  ``atol`` / ``rtol`` (SiT's 1e-6 / 1e-3); the tolerances set the cost (``num_inference_steps`` is not used: SiT's
+  intermediate output times are only interpolated, they change neither the steps nor the endpoint). The state is
+  integrated in float32 (float64 for a float64 model).
+- ``"sde"``: SiT's default SDE sampler: Euler-Maruyama for ``dx = [v + w_t s] dt + sqrt(2 w_t) dW`` with the
+  ``"sigma"`` diffusion ``w_t = 1 - t`` (norm 1) and the score of the linear path from the velocity,
+  ``s = (t v - x) / (1 - t)``, so the drift is ``v + t v - x``; N steps on ``linspace(0, 1 - last_step_size, N + 1)``
+  (SiT's t0 = 0, t1 = 1 - last_step_size), then the noise-free "Mean" last step ``x + drift * last_step_size`` to
+  t = 1. SiT evaluates the model twice per step (once for the velocity term, once inside the score); both are the
+  same velocity, so here it is evaluated once per step: N + 1 evaluations (SiT: 2 (N + 1)), same result up to
+  rounding.
 
-Classifier-free guidance: ``v_uncond + guidance_scale * (v_cond - v_uncond)`` on all latent channels, with the
-null class ``num_embeds_ada_norm`` (SiT's own code guides only the first 3 channels for reproducibility; the
-standard form is used here, as in `DiTPipeline`).
+Classifier-free guidance: ``v_uncond + guidance_scale * (v_cond - v_uncond)`` with the null class
+``num_embeds_ada_norm``; by default on all latent channels (diffusers' `DiTPipeline` convention);
+``guidance_channels=3`` guides only the first 3 channels and gives the others the conditional velocity, as DiT's
+and SiT's own sampling scripts do (``forward_with_cfg``; their published FIDs were measured that way).
+
+``num_model_evaluations`` counts (guided) velocity evaluations, one per batched transformer call.
 """
 
 import torch
@@ -28,22 +37,6 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = ("euler", "heun", "dopri5", "sde")
-
-# Dormand-Prince 5(4): nodes, stage coefficients, 5th-order weights (also the last stage row: "first same as last")
-# and the 5th-minus-4th-order weights that estimate the local error.
-_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-_DP_E = tuple(b5 - b4 for b5, b4 in zip(_DP_B5, _DP_B4))
 
 
 class SiTPipeline(DiffusionPipeline):
@@ -73,8 +66,10 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError(f"Unknown labels {unknown}; known: {list(self.labels)[:20]}...")
         return [self.labels[name] for name in labels]
 
-    def velocity(self, latents: torch.Tensor, t: float, class_labels: torch.Tensor, guidance_scale: float):
-        """The (guided) velocity at time ``t`` (SiT's convention) for ``latents``."""
+    def velocity(self, latents: torch.Tensor, t: float, class_labels: torch.Tensor, guidance_scale: float,
+                 guidance_channels: int | None = None):
+        """The (guided) velocity at time ``t`` (SiT's convention) for ``latents``; guidance on the first
+        ``guidance_channels`` channels (None: all), the other channels take the conditional velocity."""
         self.num_model_evaluations += 1
         guided = guidance_scale > 1
         channels = latents.shape[1]
@@ -83,24 +78,30 @@ class SiTPipeline(DiffusionPipeline):
         out = self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample[:, :channels]
         if guided:
             cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            n = channels if guidance_channels is None else guidance_channels
+            out = uncond[:, :n] + guidance_scale * (cond[:, :n] - uncond[:, :n])
+            if n < channels:
+                out = torch.cat([out, cond[:, n:]], dim=1)
         return out
 
     @torch.no_grad()
     def __call__(self, class_labels: list[int], guidance_scale: float = 4.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, num_inference_steps: int = 50,
                  sampler: str = "euler", last_step_size: float = 0.04, atol: float = 1e-6, rtol: float = 1e-3,
-                 max_num_steps: int = 10_000, output_type: str = "pil", return_dict: bool = True):
+                 max_num_steps: int = 10_000, guidance_channels: int | None = None, output_type: str = "pil",
+                 return_dict: bool = True):
         """Sample one image per class label.
 
         Args:
             sampler: ``"euler"``, ``"heun"`` or ``"dopri5"`` (ODE) or ``"sde"`` (Euler-Maruyama); see the module
                 docstring.
-            num_inference_steps: ODE steps; for ``"sde"``, Euler-Maruyama steps before the final mean step; not
-                used by ``"dopri5"``.
-            last_step_size: the SDE's final noise-free step (SiT's default 0.04).
+            num_inference_steps: ODE intervals (SiT's ``num_steps`` - 1); for ``"sde"``, Euler-Maruyama steps
+                before the final mean step (SiT's ``num_steps`` - 1 too); not used by ``"dopri5"``.
+            last_step_size: the SDE's final noise-free step (SiT's ``last_step_size``, default 0.04).
             atol, rtol: ``"dopri5"``'s absolute and relative error tolerances per step.
             max_num_steps: ``"dopri5"`` gives up (with an error) after this many accepted and rejected steps.
+            guidance_channels: guide only the first this many latent channels, the others take the conditional
+                velocity (3: DiT's and SiT's own scripts); None (default): all channels, as diffusers does.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (no VAE decode).
         """
         if sampler not in SAMPLERS:
@@ -114,6 +115,10 @@ class SiTPipeline(DiffusionPipeline):
         if not guidance_scale >= 0:
             raise ValueError(f"`guidance_scale` must be >= 0 (<= 1: no guidance), got {guidance_scale}.")
         config = self.transformer.config
+        if guidance_channels is not None and not (isinstance(guidance_channels, int) and
+                                                  1 <= guidance_channels <= config.in_channels):
+            raise ValueError(f"`guidance_channels` must be None (all channels) or an integer in 1..{config.in_channels}"
+                             f" (the latent channels), got {guidance_channels!r}.")
         null_class = int(config.num_embeds_ada_norm)
         outside = [c for c in torch.as_tensor(class_labels).reshape(-1).tolist() if not 0 <= c <= null_class]
         if outside:
@@ -127,23 +132,23 @@ class SiTPipeline(DiffusionPipeline):
             labels = torch.cat([labels, torch.full_like(labels, int(config.num_embeds_ada_norm))])
 
         self.num_model_evaluations = 0
+
+        def velocity(x, t):
+            return self.velocity(x, t, labels, guidance_scale, guidance_channels)
+
         if sampler == "sde":
-            latents = self._sample_sde(latents, labels, guidance_scale, num_inference_steps, last_step_size,
-                                       generator)
+            latents = self._sample_sde(latents, velocity, num_inference_steps, last_step_size, generator)
         elif sampler == "dopri5":
-            latents = self._sample_dopri5(latents, labels, guidance_scale, atol, rtol, max_num_steps)
+            latents = self._sample_dopri5(latents, velocity, atol, rtol, max_num_steps)
+        elif sampler == "heun":
+            latents = self._sample_heun(latents, velocity, num_inference_steps)
         else:
             # sigma = 1 - t on SiT's uniform grid; the scheduler appends the terminal sigma 0 (t = 1)
             grid = torch.linspace(0, 1, num_inference_steps + 1)[:-1]
             self.scheduler.set_timesteps(sigmas=(1 - grid).tolist(), device=self._execution_device)
             sigmas = self.scheduler.sigmas
             for i, _ in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                t = 1 - sigmas[i].item()
-                v = self.velocity(latents, t, labels, guidance_scale)
-                if sampler == "heun" and sigmas[i + 1] > 0:  # corrector with the velocity at the step's end
-                    h = (sigmas[i] - sigmas[i + 1]).item()
-                    predicted = latents + h * v
-                    v = 0.5 * (v + self.velocity(predicted, t + h, labels, guidance_scale))
+                v = velocity(latents, 1 - sigmas[i].item())
                 latents = self.scheduler.step(-v, self.scheduler.timesteps[i], latents).prev_sample
 
         if output_type == "latent":
@@ -158,56 +163,55 @@ class SiTPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def _sample_sde(self, x, labels, guidance_scale, steps, last_step_size, generator):
-        times = torch.linspace(0, 1 - last_step_size, steps + 1)
+    def _sample_heun(self, x, velocity, steps):
+        """SiT's ``heun2``: predictor and trapezoidal corrector on every interval of ``linspace(0, 1, steps + 1)``."""
+        times = torch.linspace(0, 1, steps + 1).tolist()
+        for i in self.progress_bar(range(steps)):
+            t, t_next = times[i], times[i + 1]
+            h = t_next - t
+            v = velocity(x, t)
+            v_next = velocity(x + h * v, t_next)
+            x = x + 0.5 * h * (v + v_next)
+        return x
+
+    def _sample_sde(self, x, velocity, steps, last_step_size, generator):
+        """SiT's Euler-Maruyama with the "sigma" diffusion (norm 1) and the "Mean" last step."""
+        times = torch.linspace(0, 1 - last_step_size, steps + 1)  # SiT's grid: t0 = 0, t1 = 1 - last_step_size
+        dt = (times[1] - times[0]).item()  # uniform, as SiT's
 
         def drift(x, t):
-            v = self.velocity(x, t, labels, guidance_scale)
-            return v - 0.5 * (x - t * v)  # v + w_t / 2 * score, with w_t = 1 - t and score = -(x - t v) / (1 - t)
+            # v + w_t * score, w_t = 1 - t and score = (t v - x) / (1 - t) on the linear path: v + (t v - x);
+            # SiT evaluates the model once for v and once inside the score: the same velocity, computed once here
+            v = velocity(x, t)
+            return v + (t * v - x)
 
         for i in self.progress_bar(range(steps)):
-            t, dt = times[i].item(), (times[i + 1] - times[i]).item()
+            t = times[i].item()
             noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + drift(x, t) * dt + (1 - t) ** 0.5 * dt ** 0.5 * noise
-        return x + drift(x, times[-1].item()) * last_step_size  # the final mean step, no noise
+            x = x + drift(x, t) * dt + (2 * (1 - t)) ** 0.5 * dt ** 0.5 * noise  # sqrt(2 w_t) dW
+        return x + drift(x, times[-1].item()) * last_step_size  # the "Mean" last step, no noise
 
-    def _sample_dopri5(self, x, labels, guidance_scale, atol, rtol, max_num_steps):
-        def f(x, t):
-            return self.velocity(x, t, labels, guidance_scale).float()
+    def _sample_dopri5(self, x, velocity, atol, rtol, max_num_steps):
+        """SiT's default ODE sampler: torchdiffeq's dopri5 from t = 0 to t = 1."""
+        from torchdiffeq import odeint
 
-        def rms(tensor):
-            return tensor.pow(2).mean().sqrt().item()
+        dtype = x.dtype
+        state_dtype = torch.promote_types(dtype, torch.float32)  # a half model still integrates in float32
 
-        dtype, x = x.dtype, x.float()  # the state and the error control run in float32 even for a half model
-        t, k1 = 0.0, f(x, 0.0)
-        # initial step (Hairer, Norsett & Wanner, II.4): from the sizes of x, f and a trial Euler step
-        scale = atol + rtol * x.abs()
-        d0, d1 = rms(x / scale), rms(k1 / scale)
-        h0 = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
-        d2 = rms((f(x + h0 * k1, h0) - k1) / scale) / h0
-        h1 = (0.01 / max(d1, d2)) ** 0.2 if max(d1, d2) > 1e-15 else max(1e-6, h0 * 1e-3)
-        h = min(100 * h0, h1, 1.0)
-        steps = 0
-        with self.progress_bar(total=1000) as progress:
-            while t < 1.0:
-                if steps >= max_num_steps:
-                    raise RuntimeError(f"dopri5 did not reach t = 1 within `max_num_steps`={max_num_steps} steps (at "
-                                       f"t = {t:.4f}); loosen `atol`/`rtol` or use sampler='heun'.")
-                steps += 1
-                last = h >= 1.0 - t
-                h = 1.0 - t if last else h
-                k = [k1]
-                for i in range(1, 7):
-                    stage = x + h * sum(a * ki for a, ki in zip(_DP_A[i], k) if a != 0.0)
-                    k.append(f(stage, t + _DP_C[i] * h))
-                x_new = stage  # the last stage is the 5th-order solution (its row is _DP_B5)
-                error = h * sum(e * ki for e, ki in zip(_DP_E, k) if e != 0.0)
-                scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
-                error_norm = rms(error / scale)
-                if error_norm <= 1.0:  # accept; the last stage's velocity is the next step's first
-                    done_before = int(t * 1000)
-                    t, x, k1 = 1.0 if last else t + h, x_new, k[6]
-                    progress.update(int(min(t, 1.0) * 1000) - done_before)
-                factor = 10.0 if error_norm == 0 else min(10.0, max(0.2, 0.9 * error_norm ** -0.2))
-                h = h * factor
-        return x.to(dtype)
+        def f(t, state):
+            return velocity(state.to(dtype), t.item()).to(state_dtype)
+
+        # SiT asks for its num_steps grid points; they are only interpolated from the adaptive steps, which do not
+        # depend on them, so the endpoint is the same bit for bit with [0, 1] (tested), without the stored path.
+        times = torch.tensor([0.0, 1.0], dtype=state_dtype, device=x.device)
+        with self.progress_bar(total=1) as progress:
+            try:
+                path = odeint(f, x.to(state_dtype), times, method="dopri5", atol=atol, rtol=rtol,
+                              options={"max_num_steps": max_num_steps})
+            except AssertionError as error:
+                if "max_num_steps" not in str(error):
+                    raise
+                raise RuntimeError(f"dopri5 did not reach t = 1 within `max_num_steps`={max_num_steps} steps; "
+                                   "loosen `atol`/`rtol` or use sampler='heun'.") from error
+            progress.update(1)
+        return path[-1].to(dtype)
