@@ -116,8 +116,8 @@ def main():
         parser.error(f"--sit_dir {args.sit_dir!r} has no transport/integrators.py; point it at a SiT checkout.")
     torch.set_num_threads(args.num_threads)
     sys.path.insert(0, args.sit_dir)
-    from transport import Sampler, create_transport  # SiT's own code
     from torchdiffeq import odeint
+    from transport import Sampler, create_transport  # SiT's own code
 
     pipe = SiTPipeline.from_pretrained(args.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
@@ -161,7 +161,8 @@ def main():
                 rows.append(row)
                 print(json.dumps(row))
 
-    header = "| sampler | SiT's | N | guidance | rel. diff. vs SiT | our evals | SiT's model calls | vs converged (ours / SiT) |"
+    header = ("| sampler | SiT's | N | guidance | rel. diff. vs SiT | our evals | SiT's model calls "
+              "| vs converged (ours / SiT) |")
     print("\n" + header + "\n|" + "---|" * 8)
     for r in rows:
         converged_text = (f"{r['error_vs_converged']:.2e} / {r['sit_error_vs_converged']:.2e}"
