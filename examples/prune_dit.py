@@ -51,6 +51,13 @@ from diffusers_entprune.distillation import (
 )
 from diffusers_entprune.export import load_id2label
 from diffusers_entprune.hub import Secret, check_can_push, push_pruned_pipeline
+from diffusers_entprune.latent_cache import (
+    CachedCalibration,
+    LatentCache,
+    cached_training_batches,
+    dataset_labels,
+    default_latent_cache_dir,
+)
 from diffusers_entprune.lora import add_lora, merge_lora
 from diffusers_entprune.model_types import (
     MODEL_TYPES,
@@ -103,6 +110,12 @@ def parse_args(argv=None):
     data.add_argument("--cache_dir", default=None, help="`datasets` cache folder.")
     data.add_argument("--class_mapping_file", help="A JSON file {class name: model class id} (default: by name: "
                       "class-id names take that id, the model's labels their ids, new classes the dataset's ids).")
+    data.add_argument("--cache_latents", action="store_true", help="Encode the dataset through the VAE once (mean "
+                      "and std, and of the flipped image with --random_flip) and train from the cache, as DiT's and "
+                      "TinyFusion's trainers do; the same per-sample draws as without it.")
+    data.add_argument("--latent_cache_dir", default=None, help="Where --cache_latents keeps its caches, one per "
+                      "dataset/VAE/resolution, reused by later runs and `entprune score --latent_cache_dir` "
+                      "(default: $HF_HOME/diffusers_entprune/latents).")
     data.add_argument("--skip_bad_images", action="store_true", help="Replace an unreadable image by another of "
                       "its batch with a warning, instead of stopping (counted in entprune_report.json).")
 
@@ -160,6 +173,13 @@ def parse_args(argv=None):
         args.learning_rate = 1e-3 if args.pretrained_model_name_or_path is None else 1e-4
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("Pass at most one of --dataset_name and --train_data_dir.")
+    if args.latent_cache_dir is not None and not args.cache_latents:
+        parser.error("--latent_cache_dir is where --cache_latents keeps its caches; add --cache_latents (or drop "
+                     "--latent_cache_dir).")
+    if args.cache_latents and args.streaming:
+        parser.error("--cache_latents needs random access to the dataset's rows; drop --streaming or --cache_latents.")
+    if args.cache_latents and args.latent_cache_dir is None:
+        args.latent_cache_dir = default_latent_cache_dir()
     if args.lr_scheduler not in [s.value for s in SchedulerType]:
         parser.error(f"--lr_scheduler {args.lr_scheduler!r} is not a diffusers schedule; choose one of "
                      f"{[s.value for s in SchedulerType]}.")
@@ -271,18 +291,24 @@ def train(args, accelerator, resume_path, continuing):
             source_fingerprint  # the default teacher is the source model
 
     # ---- the pruner, and the state of an interrupted run
-    pool = calibration_batches(dataset, vae, resolution, args.pruning_config.calibration_pool_size,
-                               args.ced_batch_size, args.image_column, args.label_column, num_classes,
-                               skip_bad_images=args.skip_bad_images)  # encoded at the first stage that ranks
+    dataset_fingerprint = fingerprint_dataset(dataset, dataset_name, args.split, args.dataset_config_name,
+                                              args.image_column, args.label_column)
+    latent_cache = None  # with --cache_latents: built below, once the run's settings have been checked
+    if args.cache_latents:  # the same first rows' means, read from the cache
+        pool = CachedCalibration(lambda: latent_cache, dataset, args.label_column, num_classes,
+                                 args.pruning_config.calibration_pool_size, args.ced_batch_size,
+                                 vae.config.scaling_factor)
+    else:
+        pool = calibration_batches(dataset, vae, resolution, args.pruning_config.calibration_pool_size,
+                                   args.ced_batch_size, args.image_column, args.label_column, num_classes,
+                                   skip_bad_images=args.skip_bad_images)  # encoded at the first stage that ranks
     pruner = EntPruner(args.pruning_config, transformer, objective, pool, accelerator)
     checkpoints = RunCheckpoints(args.output_dir, accelerator, args.checkpoints_total_limit,
                                  learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm)
     global_step, timer, bad_images = 0, StageTimer(), BadImageTally()
     # everything that makes this run this run, kept in every checkpoint and compared when resuming
     identity = run_identity({**vars(args), "global_batch_size": args.train_batch_size * accelerator.num_processes},
-                            source_fingerprint, fingerprint_dataset(dataset, dataset_name, args.split,
-                                                                    args.dataset_config_name, args.image_column,
-                                                                    args.label_column))
+                            source_fingerprint, dataset_fingerprint)
     if teacher_fingerprint is not None:  # compared on resume like the source's: the teacher's folder may move
         identity["teacher_weights_sha256"] = teacher_fingerprint
     identity["resumes"], changed = [], {}
@@ -321,12 +347,20 @@ def train(args, accelerator, resume_path, continuing):
     if ema is not None:
         ema.to(device)
 
-    collate = PixelCollate(resolution, args.image_column, args.label_column, num_classes, args.skip_bad_images)
     samples_seen = global_step * args.gradient_accumulation_steps * args.train_batch_size  # by this process
     latent_shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
-    loader = training_dataloader(dataset, collate, args.train_batch_size, args.seed, accelerator.process_index,
-                                 accelerator.num_processes, skip_samples=samples_seen,
-                                 num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size)
+    if args.cache_latents:  # encoded once (resumably, by every process), before the output folder changes
+        latent_cache = LatentCache.build(args.latent_cache_dir, dataset, vae, resolution, args.random_flip,
+                                         args.image_column, args.ced_batch_size, args.skip_bad_images, accelerator)
+        loader = cached_training_batches(latent_cache, dataset_labels(dataset, args.label_column, num_classes),
+                                         args.train_batch_size, args.seed, accelerator.process_index,
+                                         accelerator.num_processes, samples_seen, args.skip_bad_images)
+    else:
+        collate = PixelCollate(resolution, args.image_column, args.label_column, num_classes, args.skip_bad_images)
+        loader = training_dataloader(dataset, collate, args.train_batch_size, args.seed, accelerator.process_index,
+                                     accelerator.num_processes, skip_samples=samples_seen,
+                                     num_workers=args.dataloader_num_workers,
+                                     shuffle_buffer_size=args.shuffle_buffer_size)
     if pruner.needs_calibration:  # encoded now, so that an unreadable image stops the run before its folder changes
         pruner.calibration_pool()
     if accelerator.is_main_process:  # every argument has been checked: only now may an earlier run's output go
@@ -363,7 +397,12 @@ def train(args, accelerator, resume_path, continuing):
             draws = training_draws(args.seed, positions, latent_shape, args.class_dropout_prob)
             samples_seen += len(pixels)
             with accelerator.accumulate(model):
-                latents = encode_training_latents(vae, pixels.to(device, dtype=weight_dtype), draws, args.random_flip)
+                if latent_cache is not None:  # `pixels` are row indices into the cache
+                    latents = latent_cache.training_latents(pixels.tolist(), draws, args.random_flip,
+                                                            vae.config.scaling_factor, device)
+                else:
+                    latents = encode_training_latents(vae, pixels.to(device, dtype=weight_dtype), draws,
+                                                      args.random_flip)
                 labels = torch.where(draws.drop_label.to(device), transformer.null_class_label, labels.to(device))
                 timesteps = objective.timesteps_from_fraction(draws.fractions).to(device)
                 noised = objective.add_noise(latents, draws.noise.to(device), timesteps)

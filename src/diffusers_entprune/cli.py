@@ -188,7 +188,8 @@ def _parse_score_args(argv):
     data.add_argument("--label_column", default="label")
     data.add_argument("--resolution", type=int, default=None,
                       help="Image size (default: the transformer's sample_size times the VAE's downsampling).")
-    data.add_argument("--latent_cache_dir", default=None, help="Keep encoded latents here for later runs.")
+    data.add_argument("--latent_cache_dir", default=None, help="A latent cache folder, shared with "
+                      "examples/prune_dit.py --cache_latents: the dataset is encoded there once and reused.")
     data.add_argument("--class_mapping_file", default=None,
                       help="A JSON file {class name: model class id} for the label column's classes (default: by "
                            "name, see examples/prune_dit.py --help).")

@@ -622,9 +622,22 @@ def calibration_batches(dataset, vae, resolution: int, num_samples: int, batch_s
         num_samples (`int`): images to take from the start; e.g. `EntPrunerConfig.calibration_pool_size`.
         batch_size (`int`, *optional*, defaults to 64): images per VAE call (and per yielded batch).
         num_classes (`int`, *optional*): labels must lie in ``[0, num_classes)``.
-        cache_dir (`str`, *optional*): keep the encoded latents here for later runs.
+        cache_dir (`str`, *optional*): a latent cache folder (`latent_cache.LatentCache`, shared with the
+            script's ``--cache_latents``): the whole map-style dataset is encoded there once (or read from a cache
+            made before) and the first rows' means are read from it.
         skip_bad_images (`bool`, *optional*, defaults to `False`): leave unreadable images out with a warning.
     """
+    from datasets import IterableDataset
+
+    if cache_dir is not None and not isinstance(dataset, IterableDataset):
+        from .latent_cache import CachedCalibration, LatentCache
+
+        def open_cache():
+            return LatentCache.for_ranking(cache_dir, dataset, vae, resolution, image_column, batch_size,
+                                           skip_bad_images)
+
+        return CachedCalibration(open_cache, dataset, label_column, num_classes, num_samples, batch_size,
+                                 vae.config.scaling_factor)
     return LatentBatches(first_rows(dataset, num_samples), vae, resolution, batch_size, image_column, label_column,
                          num_classes=num_classes, latent_sampling="mean", cache_dir=cache_dir,
                          skip_bad_images=skip_bad_images)

@@ -28,6 +28,8 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "teacher_model_name_or_path",  # its weights are compared: `teacher_weights_sha256` (--distill_* may not change)
     # per process: the global batch (`global_batch_size`) is what the run is made of, and it is compared
     "train_batch_size",
+    # the same latents from the cache as from the images (latent_cache.py); where the cache lies
+    "cache_latents", "latent_cache_dir",
 })
 # May only grow, and only while every other setting, the resolved `pruning_steps` and the learning-rate schedule
 # included, stays the same (a schedule that decays over max_train_steps is a result setting, see `_schedule_fixed`).
