@@ -504,6 +504,8 @@ def test_report_holds_stages_config_and_ranking(ranking, method):
     assert [s["num_blocks_after"] for s in report.stages] == [4, 3]
     assert report.stages[0]["ced_scores"].keys() == {str(i) for i in range(NUM_LAYERS)}
     assert len(report.pruning_stage_seconds) == 2 and all(s >= 0 for s in report.pruning_stage_seconds)
+    for total, parts in zip(report.pruning_stage_seconds, report.pruning_stage_breakdown):
+        assert set(parts) == {"ranking", "proxies", "surgery"} and 0 <= sum(parts.values()) <= total + 0.003
     assert json.loads(json.dumps(report.to_dict()))["pruning_config"] == config.to_dict()
 
 

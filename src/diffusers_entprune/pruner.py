@@ -80,6 +80,7 @@ class EntPruner:
             raise ValueError(f"`calibration_data` is needed to rank the blocks: {self.num_to_prune} are to be pruned.")
         self._calibration_source, self._pool = calibration_data, None
         self.stage_seconds: list[float] = []  # wall time of each stage (ranking, proxies, surgery)
+        self.stage_breakdown: list[dict] = []  # the same, per part: {"ranking", "proxies", "surgery"} seconds
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -104,7 +105,7 @@ class EntPruner:
     def state_dict(self) -> dict:
         """JSON-able state for the caller's checkpoints: the config and every decision so far."""
         return {"config": self.config.to_dict(), "controller": self.controller.state_dict(),
-                "stage_seconds": list(self.stage_seconds)}
+                "stage_seconds": list(self.stage_seconds), "stage_breakdown": list(self.stage_breakdown)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s decisions and prune the model to match. Call it before ``accelerator.prepare``
@@ -113,6 +114,7 @@ class EntPruner:
         controller = state["controller"] if "controller" in state else state
         self.controller.load_state_dict(controller)  # refuses another schedule, naming both
         self.stage_seconds = list(state.get("stage_seconds", []))
+        self.stage_breakdown = list(state.get("stage_breakdown", []))
         missing = [b for b in self.controller.pruned_blocks if b in self.model.kept_block_indices]
         if missing:
             self.model.prune_blocks(missing)
@@ -140,11 +142,21 @@ class EntPruner:
         accelerator, unwrapped = self.accelerator, self.model
         was_training = unwrapped.training
         unwrapped.eval()
+        parts = {"ranking": 0.0, "proxies": 0.0, "surgery": 0.0}
+
+        def score_candidates(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return self._score_candidates(*args, **kwargs)
+            finally:
+                parts["proxies"] += time.perf_counter() - begin
+
         try:
             scores = self._rank() if self.controller.needs_ced() else None
+            parts["ranking"] = time.perf_counter() - start
             state = [None]
             if self._is_main_process:
-                self.controller.decide(global_step, scores, self._score_candidates)
+                self.controller.decide(global_step, scores, score_candidates)
                 state = [self.controller.state_dict()]
             if self._num_processes > 1:  # one decision for all: GPU arithmetic need not agree bit for bit
                 from accelerate.utils import broadcast_object_list
@@ -153,12 +165,15 @@ class EntPruner:
                 self.controller.load_state_dict(state[0])
             decision = self.controller.decisions[-1]
             if decision.pruned_blocks:
+                begin = time.perf_counter()
                 prune_training_state(unwrapped, decision.pruned_blocks, optimizer, ema)
                 if accelerator is not None:
                     model = reprepare_model(accelerator, model, unwrapped)
+                parts["surgery"] = time.perf_counter() - begin
         finally:  # the caller's mode, even when a stage fails
             unwrapped.train(was_training)
         self.stage_seconds.append(round(time.perf_counter() - start, 3))
+        self.stage_breakdown.append({name: round(seconds, 3) for name, seconds in parts.items()})
         self._log(decision, global_step)
         return model
 
@@ -243,4 +258,5 @@ class EntPruner:
         return PruningReport(pruning_mode=config.pruning_mode, ranking=ranking,
                              pruned_by={"method": method, "stages": len(self.controller.decisions)},
                              stages=[d.to_dict() for d in self.controller.decisions],
-                             pruning_stage_seconds=list(self.stage_seconds), pruning_config=config.to_dict())
+                             pruning_stage_seconds=list(self.stage_seconds),
+                             pruning_stage_breakdown=list(self.stage_breakdown), pruning_config=config.to_dict())

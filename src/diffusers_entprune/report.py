@@ -24,7 +24,8 @@ class PruningReport:
         entprune_version, model_type, pipeline (`str`): who wrote it and how to load it (``dit``/``sit``,
             ``DiTPipeline``/``SiTPipeline``).
         pruning_mode, ranking (`str`), pruned_by (`dict`), stages (`list[dict]`), pruning_stage_seconds
-            (`list[float]`), pruning_config (`dict`): how blocks were chosen (written by `EntPruner.report`;
+            (`list[float]`), pruning_stage_breakdown (`list[dict]`: each stage's ``ranking``, ``proxies`` and
+            ``surgery`` seconds), pruning_config (`dict`): how blocks were chosen (written by `EntPruner.report`;
             ``stages`` are `controller.StageDecision.to_dict` entries, ``pruning_config`` `EntPrunerConfig.to_dict`).
         source, dataset (`str`), training, class_mapping, skipped_bad_images, run_identity, distillation,
         sampling_speed (`dict`), train_step_seconds_by_stage (`list[dict]`): the training run (a script).
@@ -47,6 +48,7 @@ class PruningReport:
     pruned_by: dict | None = None
     stages: list[dict] | None = None
     pruning_stage_seconds: list[float] | None = None
+    pruning_stage_breakdown: list[dict] | None = None
     pruning_config: dict | None = None
     training: dict | None = None
     train_step_seconds_by_stage: list[dict] | None = None
